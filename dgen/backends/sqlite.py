@@ -1,0 +1,520 @@
+"""``sqlite:///relative.db`` and ``sqlite:////absolute.db``: the embedded default.
+
+Transactions are optimistic, as in FoundationDB. Reads run in a deferred
+SQLite transaction (WAL gives it a consistent snapshot) and are recorded.
+Commit takes the write lock with ``BEGIN IMMEDIATE``; if the commit counter
+moved since the snapshot, it replays the recorded reads and raises
+:class:`ConflictError` if any result differs. Writes are then applied and the
+counter is incremented in the same SQLite transaction, so the counter is a
+commit-ordered stamp: one writer at a time means stamp order is commit order
+and visibility order.
+
+Watches: a thread per database polls ``PRAGMA data_version``, which changes
+when any other connection (this process or another) commits, and then
+re-reads the watched keys. Local commits wake it at once.
+
+Each connection lives on its own thread, and a whole commit is one hop to
+that thread; see docs/sqlite.md for why we do not use aiosqlite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dgen.backends.base import ADD, BufferedTransaction
+from dgen.store import (
+    Capabilities,
+    CommitUnknownError,
+    ConflictError,
+    Database,
+    KeyValue,
+    Limits,
+    StoreError,
+    UnavailableError,
+    ValueTooLargeError,
+    Watch,
+    decode_counter,
+    encode_counter,
+)
+from dgen.urls import URL, URLError
+
+__all__ = ["SQLiteDatabase", "open_database"]
+
+T = TypeVar("T")
+SCHEMA_VERSION = 1
+_HEADER = b"SQLite format 3\x00"
+_SYNCHRONOUS = ("off", "normal", "full", "extra")
+_OPTIONS = ("synchronous", "busy_timeout", "poll_interval", "pool_size")
+_BUSY = {5, 6, 517, 261, 262}  # BUSY, LOCKED, BUSY_SNAPSHOT, BUSY_RECOVERY, LOCKED_SHAREDCACHE
+_GET = "SELECT value FROM dgen_kv WHERE key = ?"
+_VERSION = "SELECT value FROM dgen_meta WHERE name = 'commit_version'"
+
+
+def _range_sql(limit: int, reverse: bool) -> str:
+    order = "DESC" if reverse else "ASC"
+    sql = f"SELECT key, value FROM dgen_kv WHERE key >= ? AND key < ? ORDER BY key {order}"
+    return sql + (f" LIMIT {int(limit)}" if limit else "")
+
+
+def _map_error(exc: sqlite3.Error, path: Path, committing: bool = False) -> StoreError:
+    """The one place SQLite errors become DGen errors."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code in _BUSY or (code is None and "locked" in str(exc)):
+        return ConflictError(f"SQLite store {path} is busy: {exc}")
+    if code == 18:  # SQLITE_TOOBIG
+        return ValueTooLargeError(f"SQLite refused a value as too big: {exc}")
+    if committing and code is not None and code & 0xFF == 10:  # SQLITE_IOERR during COMMIT
+        return CommitUnknownError(f"I/O error while committing to {path}: {exc}")
+    return UnavailableError(f"SQLite store {path} failed: {exc}")
+
+
+class _Connection:
+    """One sqlite3 connection and the single thread that uses it."""
+
+    def __init__(self, path: Path, synchronous: str, busy_timeout: float) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="dgen-sqlite")
+        self._sql: sqlite3.Connection | None = None
+        self._setup = (synchronous, busy_timeout)
+
+    def _open(self) -> sqlite3.Connection:
+        if self._sql is None:
+            sql = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=self._setup[1]
+            )
+            mode = sql.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                sql.close()
+                raise UnavailableError(f"cannot switch {self.path} to WAL mode (got {mode!r})")
+            sql.execute(f"PRAGMA synchronous={self._setup[0]}")
+            self._sql = sql
+        return self._sql
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(self._open()))
+
+    def close(self) -> None:
+        def _close() -> None:
+            if self._sql is not None:
+                self._sql.close()
+                self._sql = None
+
+        self._executor.submit(_close).result()
+        self._executor.shutdown(wait=True)
+
+
+class SQLiteTransaction(BufferedTransaction):
+    def __init__(self, db: SQLiteDatabase) -> None:
+        super().__init__(db.limits)
+        self._db = db
+        self._conn: _Connection | None = None
+        self._read_version: int | None = None
+        # Every read of committed data, replayed at commit to detect conflicts.
+        self._reads: list[tuple[tuple[Any, ...], Any]] = []
+
+    async def _snapshot(self) -> _Connection:
+        if self._conn is None:
+            conn = await self._db._acquire()
+
+            def begin(sql: sqlite3.Connection) -> int:
+                sql.execute("BEGIN")
+                return int(sql.execute(_VERSION).fetchone()[0])
+
+            try:
+                self._read_version = await conn.run(begin)
+            except sqlite3.Error as exc:
+                self._db._give_back(conn, broken=True)
+                raise _map_error(exc, self._db.path) from None
+            self._conn = conn
+        return self._conn
+
+    async def _query(self, args: tuple[Any, ...]) -> Any:
+        conn = await self._snapshot()
+        try:
+            result = await conn.run(lambda sql: _execute_read(sql, args))
+        except sqlite3.Error as exc:
+            raise _map_error(exc, self._db.path) from None
+        self._reads.append((args, result))
+        return result
+
+    async def _read(self, key: bytes) -> bytes | None:
+        result: bytes | None = await self._query(("get", key))
+        return result
+
+    async def _read_range(
+        self, begin: bytes, end: bytes, limit: int, reverse: bool
+    ) -> list[KeyValue]:
+        result: list[KeyValue] = await self._query(("range", begin, end, limit, reverse))
+        return result
+
+    async def _snapshot_get(self, key: bytes) -> object:
+        conn = await self._snapshot()
+        try:
+            return await conn.run(lambda sql: _execute_read(sql, ("get", key)))
+        except sqlite3.Error as exc:
+            raise _map_error(exc, self._db.path) from None
+
+    async def _apply(self) -> bytes | None:
+        buf = self.buffer
+        if buf.is_empty():
+            return None
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = await self._db._acquire()
+        read_version, reads = self._read_version, self._reads
+        path = self._db.path
+
+        def commit(sql: sqlite3.Connection) -> bytes:
+            if sql.in_transaction:
+                sql.execute("ROLLBACK")
+            try:
+                sql.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise _map_error(exc, path) from None
+            try:
+                version = int(sql.execute(_VERSION).fetchone()[0])
+                if read_version is not None and version != read_version:
+                    for args, result in reads:
+                        if _execute_read(sql, args) != result:
+                            raise ConflictError(
+                                "a key read by this transaction was changed by another"
+                            )
+                version += 1
+                stamp = version.to_bytes(8, "big") + b"\x00\x00"
+                for begin, end in buf.cleared:
+                    sql.execute("DELETE FROM dgen_kv WHERE key >= ? AND key < ?", (begin, end))
+                puts: list[tuple[bytes, bytes]] = []
+                deletes: list[tuple[bytes]] = []
+                for key, op in buf.points.items():
+                    if op.kind == ADD:
+                        row = sql.execute(_GET, (key,)).fetchone()
+                        base = decode_counter(row[0] if row else None)
+                        puts.append((key, encode_counter(base + op.delta)))
+                        continue
+                    value = op.apply(None)
+                    if value is None:
+                        deletes.append((key,))
+                    else:
+                        puts.append((key, value))
+                for key, offset, value in buf.stamped:
+                    puts.append((key[:offset] + stamp + key[offset + 10 :], value))
+                sql.executemany("DELETE FROM dgen_kv WHERE key = ?", deletes)
+                sql.executemany("INSERT OR REPLACE INTO dgen_kv (key, value) VALUES (?, ?)", puts)
+                sql.execute(
+                    "UPDATE dgen_meta SET value = ? WHERE name = 'commit_version'", (version,)
+                )
+            except BaseException as exc:
+                sql.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise _map_error(exc, path) from None
+                raise
+            try:
+                sql.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if sql.in_transaction:
+                    sql.execute("ROLLBACK")
+                raise _map_error(exc, path, committing=True) from None
+            return stamp
+
+        async with self._db._write_lock:
+            stamp = await conn.run(commit)
+        self._db._poke_watcher()
+        return stamp
+
+    def _register_watch(self, watch: Watch, baseline: object) -> None:
+        self._db._add_watch(watch, baseline)
+
+    async def _release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+
+        def end(sql: sqlite3.Connection) -> None:
+            if sql.in_transaction:
+                sql.execute("ROLLBACK")
+
+        try:
+            await conn.run(end)
+        except sqlite3.Error:
+            self._db._give_back(conn, broken=True)
+        else:
+            self._db._give_back(conn)
+
+
+def _execute_read(sql: sqlite3.Connection, args: tuple[Any, ...]) -> Any:
+    if args[0] == "get":
+        row = sql.execute(_GET, (args[1],)).fetchone()
+        return row[0] if row else None
+    _, begin, end, limit, reverse = args
+    return sql.execute(_range_sql(limit, reverse), (begin, end)).fetchall()
+
+
+class _Watcher(threading.Thread):
+    """Polls ``PRAGMA data_version`` and reports watched keys' values."""
+
+    def __init__(self, db: SQLiteDatabase, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(name="dgen-sqlite-watch", daemon=True)
+        self.db = db
+        self.loop = loop
+        self.wake = threading.Event()
+        self.stopping = False
+
+    def run(self) -> None:
+        db = self.db
+        sql: sqlite3.Connection | None = None
+        seen: int | None = None
+        while not self.stopping:
+            try:
+                if sql is None:
+                    sql = sqlite3.connect(db.path, isolation_level=None, timeout=db.busy_timeout)
+                forced = self.wake.is_set()
+                self.wake.clear()
+                version = sql.execute("PRAGMA data_version").fetchone()[0]
+                if forced or version != seen:
+                    seen = version
+                    generation, keys = db._watch_generation, list(db._watched_keys)
+                    values: dict[bytes, bytes | None] = dict.fromkeys(keys)
+                    for i in range(0, len(keys), 500):
+                        chunk = keys[i : i + 500]
+                        marks = ",".join("?" * len(chunk))
+                        query = f"SELECT key, value FROM dgen_kv WHERE key IN ({marks})"
+                        values.update(sql.execute(query, chunk).fetchall())
+                    self.loop.call_soon_threadsafe(db._deliver, generation, values)
+            except sqlite3.Error:
+                # Transient (busy, file replaced): reconnect and treat as changed.
+                if sql is not None:
+                    sql.close()
+                sql, seen = None, None
+            except RuntimeError:
+                break  # the event loop is closed
+            self.wake.wait(db.poll_interval)
+        if sql is not None:
+            sql.close()
+
+
+class SQLiteDatabase(Database):
+    limits = Limits()
+    capabilities = Capabilities(durable=True, cross_process=True, watches_cross_process=True)
+
+    def __init__(
+        self,
+        url: URL,
+        path: Path,
+        synchronous: str,
+        busy_timeout: float,
+        poll_interval: float,
+        pool_size: int,
+    ) -> None:
+        self.url = url
+        self.path = path
+        self.synchronous = synchronous
+        self.busy_timeout = busy_timeout
+        self.poll_interval = poll_interval
+        self.pool_size = pool_size
+        self._idle: list[_Connection] = []
+        self._pool_slots = asyncio.Semaphore(pool_size)
+        self._write_lock = asyncio.Lock()
+        self._watches: dict[bytes, list[tuple[Watch, object, int]]] = {}
+        self._watched_keys: frozenset[bytes] = frozenset()
+        self._watch_generation = 0
+        self._watcher: _Watcher | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<SQLiteDatabase {self.path} synchronous={self.synchronous}>"
+
+    def create_transaction(self) -> SQLiteTransaction:
+        if self._closed:
+            raise UnavailableError(f"{self!r} is closed")
+        return SQLiteTransaction(self)
+
+    async def _acquire(self) -> _Connection:
+        await self._pool_slots.acquire()
+        if self._idle:
+            return self._idle.pop()
+        return _Connection(self.path, self.synchronous, self.busy_timeout)
+
+    def _give_back(self, conn: _Connection, broken: bool = False) -> None:
+        if broken or self._closed:
+            conn.close()
+        else:
+            self._idle.append(conn)
+        self._pool_slots.release()
+
+    # -- watches -----------------------------------------------------------
+
+    def _add_watch(self, watch: Watch, baseline: object) -> None:
+        self._watch_generation += 1
+        self._watches.setdefault(watch.key, []).append((watch, baseline, self._watch_generation))
+        self._watched_keys = frozenset(self._watches)
+        if self._watcher is None or not self._watcher.is_alive():
+            self._watcher = _Watcher(self, asyncio.get_running_loop())
+            self._watcher.start()
+        self._poke_watcher()
+
+    def _poke_watcher(self) -> None:
+        if self._watcher is not None:
+            self._watcher.wake.set()
+
+    def _deliver(self, generation: int, values: dict[bytes, bytes | None]) -> None:
+        for key in list(self._watches):
+            keep = []
+            for watch, baseline, born in self._watches[key]:
+                if watch.done():
+                    continue
+                if born <= generation and key in values and values[key] != baseline:
+                    watch._fire()
+                else:
+                    keep.append((watch, baseline, born))
+            if keep:
+                self._watches[key] = keep
+            else:
+                del self._watches[key]
+        self._watched_keys = frozenset(self._watches)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._watcher is not None:
+            self._watcher.stopping = True
+            self._watcher.wake.set()
+            await asyncio.get_running_loop().run_in_executor(None, self._watcher.join)
+        for entries in self._watches.values():
+            for watch, _, _ in entries:
+                watch._fail(UnavailableError(f"{self!r} was closed"))
+        self._watches.clear()
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+def _path_from_url(url: URL) -> Path:
+    if url.host:
+        raise URLError(
+            f"{url}: SQLite URLs have no host; write sqlite:///relative/path.db "
+            "or sqlite:////absolute/path.db"
+        )
+    raw = url.path[1:] if url.path.startswith("/") else url.path
+    if not raw or raw == ":memory:":
+        raise URLError(f"{url}: no database file given; for a store in memory use memory://")
+    return Path(raw)
+
+
+def _check_file(path: Path, url: URL) -> None:
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        hint = ""
+        if not path.is_absolute():
+            hint = (
+                f" (sqlite:///{path} is relative to the current directory "
+                f"{os.getcwd()}; use four slashes, sqlite:////{path}, for an absolute path)"
+            )
+        raise UnavailableError(f"directory {directory} does not exist{hint}")
+    if path.is_dir():
+        raise UnavailableError(f"{path} is a directory, not a database file")
+    if path.exists():
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise UnavailableError(
+                f"{path} is not readable and writable by this process; DGen needs write "
+                "access to commit (check the file's permissions and owner)"
+            )
+        with path.open("rb") as f:
+            header = f.read(16)
+        if header and header != _HEADER:
+            raise UnavailableError(f"{path} exists but is not an SQLite database")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UnavailableError(
+            f"directory {directory} is not writable; SQLite needs to create {path.name}-wal "
+            "and -shm files beside the database"
+        )
+
+
+def _setup_schema(sql: sqlite3.Connection, path: Path) -> None:
+    sql.execute("BEGIN IMMEDIATE")
+    try:
+        tables = {
+            row[0] for row in sql.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+        if tables and "dgen_meta" not in tables:
+            raise UnavailableError(
+                f"{path} is an SQLite database but not a DGen store (it holds tables "
+                f"{', '.join(sorted(tables))}); give DGen a file of its own"
+            )
+        if "dgen_meta" in tables:
+            row = sql.execute("SELECT value FROM dgen_meta WHERE name='schema_version'").fetchone()
+            found = int(row[0]) if row else 0
+            if found > SCHEMA_VERSION:
+                raise UnavailableError(
+                    f"{path} was written by a newer DGen (schema {found}, this one knows "
+                    f"{SCHEMA_VERSION}); upgrade dgen"
+                )
+        sql.execute(
+            "CREATE TABLE IF NOT EXISTS dgen_kv (key BLOB PRIMARY KEY, value BLOB NOT NULL) "
+            "WITHOUT ROWID"
+        )
+        sql.execute(
+            "CREATE TABLE IF NOT EXISTS dgen_meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)"
+        )
+        sql.execute(
+            "INSERT OR IGNORE INTO dgen_meta VALUES ('schema_version', ?), ('commit_version', 0)",
+            (SCHEMA_VERSION,),
+        )
+        sql.execute("COMMIT")
+    except BaseException:
+        sql.execute("ROLLBACK")
+        raise
+
+
+def _number(url: URL, name: str, default: float, low: float) -> float:
+    raw = url.options.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise URLError(f"option {name}={raw!r} in {url} is not a number") from None
+    if value < low:
+        raise URLError(f"option {name}={raw!r} in {url} must be at least {low}")
+    return value
+
+
+async def open_database(url: URL) -> SQLiteDatabase:
+    """Open (creating if needed) the SQLite store a ``sqlite://`` URL names.
+
+    Options: ``synchronous`` (off, normal, full [default], extra),
+    ``busy_timeout`` seconds to wait for another process's write lock (30),
+    ``poll_interval`` seconds between cross-process watch checks (0.002),
+    ``pool_size`` connections per database (8).
+    """
+    options = url.check_options(_OPTIONS)
+    synchronous = options.get("synchronous", "full").lower()
+    if synchronous not in _SYNCHRONOUS:
+        raise URLError(
+            f"option synchronous={synchronous!r} in {url} is not one of {', '.join(_SYNCHRONOUS)}"
+        )
+    busy_timeout = _number(url, "busy_timeout", 30.0, 0.0)
+    poll_interval = _number(url, "poll_interval", 0.002, 0.0001)
+    pool_size = int(_number(url, "pool_size", 8, 1))
+    path = _path_from_url(url)
+    _check_file(path, url)
+    db = SQLiteDatabase(url, path, synchronous, busy_timeout, poll_interval, pool_size)
+    conn = await db._acquire()
+    try:
+        await conn.run(lambda sql: _setup_schema(sql, path))
+    except sqlite3.Error as exc:
+        db._give_back(conn, broken=True)
+        raise _map_error(exc, path) from None
+    except BaseException:
+        db._give_back(conn, broken=True)
+        raise
+    db._give_back(conn)
+    return db
