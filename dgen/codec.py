@@ -114,7 +114,7 @@ def _enc_tuple(value: tuple[Any, ...], out: bytearray) -> None:
 def _enc_set(value: set[Any] | frozenset[Any], out: bytearray) -> None:
     # Sets are unordered: sort the encoded members so equal sets give equal bytes
     # (the consumer compares bytes to skip unchanged state writes).
-    members = []
+    members: list[bytes] = []
     for item in value:
         part = bytearray()
         try:
@@ -125,8 +125,8 @@ def _enc_set(value: set[Any] | frozenset[Any], out: bytearray) -> None:
     members.sort()
     out.append(_SET if type(value) is set else _FROZENSET)
     _varint(out, len(members))
-    for part in members:
-        out += part
+    for member in members:
+        out += member
 
 
 def _enc_dict(value: dict[Any, Any], out: bytearray) -> None:
@@ -278,7 +278,7 @@ def _varint_at(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _find_class(module_name: str, qualname: str) -> type:
+def _find_class(module_name: str, qualname: str) -> Any:
     module = sys.modules.get(module_name)
     if module is None:
         raise DecodeError(
