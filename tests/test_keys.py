@@ -23,10 +23,21 @@ scalars = (
     | st.booleans()
     | st.uuids()
 )
-elements = st.recursive(scalars, lambda inner: st.tuples(inner, inner) | st.tuples(inner), max_leaves=8)
+elements = st.recursive(
+    scalars, lambda inner: st.tuples(inner, inner) | st.tuples(inner), max_leaves=8
+)
 tuples = st.lists(elements, max_size=4).map(tuple)
 
-_TYPE_ORDER = {type(None): 0, bytes: 1, str: 2, tuple: 5, int: 20, float: 33, bool: 38, uuid.UUID: 48}
+_TYPE_ORDER = {
+    type(None): 0,
+    bytes: 1,
+    str: 2,
+    tuple: 5,
+    int: 20,
+    float: 33,
+    bool: 38,
+    uuid.UUID: 48,
+}
 
 
 def sort_key(value: object) -> tuple[object, ...]:
@@ -76,9 +87,34 @@ def test_byte_identical_to_fdb_tuple(items: tuple[object, ...]) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    [0, 1, -1, 255, 256, -255, -256, 2**64 - 1, 2**64, -(2**64 - 1), -(2**64), 2**200, -(2**200),
-     0.0, -0.0, math.inf, -math.inf, 1e-300, b"\x00\xff\x00", "\x00é", None, True, False,
-     (None, (None,), b"", ""), uuid.UUID(int=0), uuid.UUID(int=2**128 - 1)],
+    [
+        0,
+        1,
+        -1,
+        255,
+        256,
+        -255,
+        -256,
+        2**64 - 1,
+        2**64,
+        -(2**64 - 1),
+        -(2**64),
+        2**200,
+        -(2**200),
+        0.0,
+        -0.0,
+        math.inf,
+        -math.inf,
+        1e-300,
+        b"\x00\xff\x00",
+        "\x00é",
+        None,
+        True,
+        False,
+        (None, (None,), b"", ""),
+        uuid.UUID(int=0),
+        uuid.UUID(int=2**128 - 1),
+    ],
 )
 def test_edge_values_match_fdb(value: object) -> None:
     assert keys.pack((value,)) == fdb_tuple.pack((value,))

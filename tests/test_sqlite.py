@@ -48,7 +48,9 @@ async def test_data_survives_reopen(tmp_path: Path) -> None:
         assert await get(db, b"k") == b"v1"
 
 
-async def test_missing_directory_explains_slashes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_missing_directory_explains_slashes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(dgen.UnavailableError, match="does not exist"):
         await dgen.connect(f"sqlite:///{tmp_path}/nope/x.db")
     monkeypatch.chdir(tmp_path)
@@ -66,7 +68,7 @@ async def test_foreign_sqlite_database(tmp_path: Path) -> None:
     path = tmp_path / "app.db"
     with sqlite3.connect(path) as conn:
         conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY)")
-    with pytest.raises(dgen.UnavailableError, match="not a DGen store.*users"):
+    with pytest.raises(dgen.UnavailableError, match=r"not a DGen store.*users"):
         await dgen.connect(f"sqlite:///{path}")
 
 

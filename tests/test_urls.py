@@ -22,7 +22,12 @@ def test_password_never_in_repr_or_str() -> None:
         assert "s3cr" not in text
     assert "***" in str(url)
     assert url.render(hide_password=False).startswith("postgresql://bob:s3cr%40t@")
-    assert (url.host, url.port, url.path, url.options) == ("db.example", 5433, "/app", {"schema": "x"})
+    assert (url.host, url.port, url.path, url.options) == (
+        "db.example",
+        5433,
+        "/app",
+        {"schema": "x"},
+    )
 
 
 def test_bad_urls() -> None:
