@@ -75,8 +75,18 @@ def _map_error(exc: sqlite3.Error, path: Path, committing: bool = False) -> Stor
     return UnavailableError(f"SQLite store {path} failed: {exc}")
 
 
+class _Busy(Exception):
+    """Another connection holds the write lock; retry on the thread, waiting."""
+
+
 class _Connection:
-    """One sqlite3 connection and the single thread that uses it."""
+    """One sqlite3 connection and the thread that runs its blocking calls.
+
+    Reads and non-syncing commits run inline on the event loop: they take
+    microseconds, less than a hop to a thread (about 65 us here). Anything
+    that may wait (another process's write lock, an fsync at COMMIT under
+    synchronous=full or extra) runs on the connection's own thread.
+    """
 
     def __init__(self, path: Path, synchronous: str, busy_timeout: float) -> None:
         self.path = path
@@ -84,10 +94,11 @@ class _Connection:
         self._sql: sqlite3.Connection | None = None
         self._setup = (synchronous, busy_timeout)
 
-    def _open(self) -> sqlite3.Connection:
+    def open(self) -> sqlite3.Connection:
         if self._sql is None:
+            # timeout=0: inline calls must never sleep in SQLite's busy handler.
             sql = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=self._setup[1]
+                self.path, isolation_level=None, check_same_thread=False, timeout=0
             )
             mode = sql.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode != "wal":
@@ -98,8 +109,18 @@ class _Connection:
         return self._sql
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` on the connection's thread, with the busy timeout set."""
+
+        def call() -> T:
+            sql = self.open()
+            sql.execute(f"PRAGMA busy_timeout={int(self._setup[1] * 1000)}")
+            try:
+                return fn(sql)
+            finally:
+                sql.execute("PRAGMA busy_timeout=0")
+
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: fn(self._open()))
+        return await loop.run_in_executor(self._executor, call)
 
     def close(self) -> None:
         def _close() -> None:
@@ -124,12 +145,10 @@ class SQLiteTransaction(BufferedTransaction):
         if self._conn is None:
             conn = await self._db._acquire()
 
-            def begin(sql: sqlite3.Connection) -> int:
-                sql.execute("BEGIN")
-                return int(sql.execute(_VERSION).fetchone()[0])
-
             try:
-                self._read_version = await conn.run(begin)
+                sql = conn.open()
+                sql.execute("BEGIN")
+                self._read_version = int(sql.execute(_VERSION).fetchone()[0])
             except sqlite3.Error as exc:
                 self._db._give_back(conn, broken=True)
                 raise _map_error(exc, self._db.path) from None
@@ -139,7 +158,7 @@ class SQLiteTransaction(BufferedTransaction):
     async def _query(self, args: tuple[Any, ...]) -> Any:
         conn = await self._snapshot()
         try:
-            result = await conn.run(lambda sql: _execute_read(sql, args))
+            result = _execute_read(conn.open(), args)
         except sqlite3.Error as exc:
             raise _map_error(exc, self._db.path) from None
         self._reads.append((args, result))
@@ -158,7 +177,7 @@ class SQLiteTransaction(BufferedTransaction):
     async def _snapshot_get(self, key: bytes) -> object:
         conn = await self._snapshot()
         try:
-            return await conn.run(lambda sql: _execute_read(sql, ("get", key)))
+            return _execute_read(conn.open(), ("get", key))
         except sqlite3.Error as exc:
             raise _map_error(exc, self._db.path) from None
 
@@ -172,12 +191,14 @@ class SQLiteTransaction(BufferedTransaction):
         read_version, reads = self._read_version, self._reads
         path = self._db.path
 
-        def commit(sql: sqlite3.Connection) -> bytes:
+        def commit(sql: sqlite3.Connection, may_wait: bool) -> bytes:
             if sql.in_transaction:
                 sql.execute("ROLLBACK")
             try:
                 sql.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
+                if not may_wait and getattr(exc, "sqlite_errorcode", None) in _BUSY:
+                    raise _Busy from None
                 raise _map_error(exc, path) from None
             try:
                 version = int(sql.execute(_VERSION).fetchone()[0])
@@ -225,7 +246,13 @@ class SQLiteTransaction(BufferedTransaction):
             return stamp
 
         async with self._db._write_lock:
-            stamp = await conn.run(commit)
+            if self._db.synchronous in ("off", "normal"):
+                try:
+                    stamp = commit(conn.open(), False)
+                except _Busy:
+                    stamp = await conn.run(lambda sql: commit(sql, True))
+            else:
+                stamp = await conn.run(lambda sql: commit(sql, True))
         self._db._poke_watcher()
         return stamp
 
@@ -237,12 +264,10 @@ class SQLiteTransaction(BufferedTransaction):
         if conn is None:
             return
 
-        def end(sql: sqlite3.Connection) -> None:
+        try:
+            sql = conn.open()
             if sql.in_transaction:
                 sql.execute("ROLLBACK")
-
-        try:
-            await conn.run(end)
         except sqlite3.Error:
             self._db._give_back(conn, broken=True)
         else:
