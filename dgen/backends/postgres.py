@@ -1,0 +1,627 @@
+"""``postgresql://``: the backend for several processes or machines sharing one server.
+
+Every transaction is a PostgreSQL SERIALIZABLE transaction on a pooled
+connection (psycopg 3, psycopg_pool); PostgreSQL's own conflict detection
+(SSI) replaces FoundationDB's read-conflict ranges. Keys and values live in
+``dgen_kv`` in the URL's schema. docs/postgres.md explains the choices below.
+
+* Ordered-commit stamps: the committing transaction locks one row per
+  prefix in ``dgen_stamps`` (lock only, no update, so concurrent writers of a
+  prefix wait instead of aborting) and then takes ``nextval`` of a global
+  sequence. The lock is held until commit, so for one prefix the sequence
+  values follow commit order and every key with a smaller stamp is visible
+  before a larger one.
+* Watches: after commit, a per-database notifier sends one coalesced
+  ``pg_notify`` with short hashes of the written keys (never inside the
+  writing transaction, where it would take a cluster-wide lock). A listener
+  connection re-checks matching watches; every watch fires after the
+  listener reconnects; a fallback poll re-reads all watched keys every
+  ``watch_poll_interval`` seconds, so no change is missed even when a
+  notification is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import psycopg
+import psycopg.errors
+import psycopg_pool
+from psycopg import sql
+
+from dgen.backends.base import ADD, CLEAR, UNKNOWN, BufferedTransaction
+from dgen.store import (
+    Capabilities,
+    CommitUnknownError,
+    ConflictError,
+    Database,
+    KeyValue,
+    Limits,
+    StoreError,
+    UnavailableError,
+    Watch,
+)
+from dgen.urls import URL, URLError
+
+__all__ = ["SCHEMA_VERSION", "PostgresDatabase", "open_database"]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+"""Version of the tables this module creates; stored in ``dgen_meta``."""
+
+OPTIONS = (
+    "application_name",
+    "connect_timeout",
+    "host",
+    "pool_size",
+    "port",
+    "schema",
+    "sslmode",
+    "synchronous_commit",
+    "watch_poll_interval",
+)
+_SYNC_LEVELS = ("on", "off", "local", "remote_write", "remote_apply")
+_NOTIFY_LIMIT = 7900  # pg_notify payloads must stay under 8000 bytes
+_ALL = "*"
+
+# PostgreSQL B-tree entries are limited to about 2700 bytes, and every key is
+# a primary-key entry: a smaller key limit than FoundationDB's 10,000 bytes.
+LIMITS = Limits(max_key_size=2048)
+
+
+# -- errors -------------------------------------------------------------------
+
+
+def _map_error(exc: BaseException, url: URL, *, committing: bool = False) -> StoreError:
+    """The one place psycopg's failures become DGen's errors."""
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, psycopg.errors.SerializationFailure | psycopg.errors.DeadlockDetected):
+        return ConflictError(f"PostgreSQL: {_clean(exc, url)}")
+    where = url.render(hide_password=True)
+    if isinstance(exc, psycopg_pool.PoolTimeout):
+        return UnavailableError(f"no connection to {where} became available: {_clean(exc, url)}")
+    if isinstance(exc, psycopg.OperationalError | OSError):
+        if committing:
+            return CommitUnknownError(
+                f"the connection to {where} failed during COMMIT, so the transaction may or "
+                f"may not have been applied: {_clean(exc, url)}"
+            )
+        return UnavailableError(f"PostgreSQL at {where} is unavailable: {_clean(exc, url)}")
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        return UnavailableError(
+            f"PostgreSQL at {where} refused access ({_clean(exc, url)}); "
+            "docs/postgres.md lists the privileges DGen needs"
+        )
+    return StoreError(f"PostgreSQL at {where}: {_clean(exc, url)}")
+
+
+def _clean(exc: BaseException, url: URL) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    if url.password:
+        text = text.replace(url.password, "***")
+    return text
+
+
+@contextlib.contextmanager
+def _errors(url: URL, *, committing: bool = False) -> Iterator[None]:
+    try:
+        yield
+    except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
+        raise _map_error(exc, url, committing=committing) from exc
+
+
+# -- SQL ----------------------------------------------------------------------
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS {s}.dgen_meta (name text PRIMARY KEY, value text NOT NULL);
+CREATE TABLE IF NOT EXISTS {s}.dgen_kv (key bytea PRIMARY KEY, value bytea NOT NULL);
+CREATE TABLE IF NOT EXISTS {s}.dgen_stamps (prefix bytea PRIMARY KEY);
+CREATE SEQUENCE IF NOT EXISTS {s}.dgen_stamp_seq;
+CREATE OR REPLACE FUNCTION {s}.dgen_add(old bytea, delta numeric) RETURNS bytea
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    v numeric := 0;
+    r bytea := '\\x0000000000000000';
+BEGIN
+    -- 8-byte little-endian counter, as FoundationDB's ADD: wraps at 2^64.
+    IF old IS NOT NULL AND length(old) > 0 THEN
+        FOR i IN REVERSE least(length(old), 8) - 1 .. 0 LOOP
+            v := v * 256 + get_byte(old, i);
+        END LOOP;
+    END IF;
+    v := mod(v + delta, 18446744073709551616);
+    FOR i IN 0 .. 7 LOOP
+        r := set_byte(r, i, mod(v, 256)::int);
+        v := div(v, 256);
+    END LOOP;
+    RETURN r;
+END $$;
+INSERT INTO {s}.dgen_meta VALUES ('schema_version', '1') ON CONFLICT DO NOTHING;
+"""
+
+
+class _SQL:
+    """The statements, with the schema name quoted in once."""
+
+    def __init__(self, schema: str) -> None:
+        s = sql.Identifier(schema)
+
+        def q(text: str) -> str:
+            return sql.SQL(text).format(s=s).as_string()
+
+        self.ddl = q(_DDL)
+        self.version = q("SELECT value FROM {s}.dgen_meta WHERE name = 'schema_version'")
+        self.get = q("SELECT value FROM {s}.dgen_kv WHERE key = %s")
+        self.get_many = q("SELECT key, value FROM {s}.dgen_kv WHERE key = ANY(%s)")
+        rng = "SELECT key, value FROM {s}.dgen_kv WHERE key >= %s AND key < %s ORDER BY key"
+        self.range = q(rng)
+        self.range_limit = q(rng + " LIMIT %s")
+        self.range_rev = q(rng + " DESC")
+        self.range_rev_limit = q(rng + " DESC LIMIT %s")
+        self.clear_range = q("DELETE FROM {s}.dgen_kv WHERE key >= %s AND key < %s")
+        self.clear = q("DELETE FROM {s}.dgen_kv WHERE key = %s")
+        self.set = q(
+            "INSERT INTO {s}.dgen_kv VALUES (%s, %s) "
+            "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+        )
+        self.add = q(
+            "INSERT INTO {s}.dgen_kv VALUES (%s, {s}.dgen_add(NULL, %s)) "
+            "ON CONFLICT (key) DO UPDATE SET value = {s}.dgen_add({s}.dgen_kv.value, %s)"
+        )
+        # Lock (never update) each prefix's row: a concurrent writer of the
+        # same prefix waits for our commit instead of failing with 40001.
+        self.lock_prefixes = q(
+            "INSERT INTO {s}.dgen_stamps SELECT p FROM unnest(%s::bytea[]) AS p ORDER BY p "
+            "ON CONFLICT (prefix) DO UPDATE SET prefix = EXCLUDED.prefix WHERE false"
+        )
+        self.next_stamp = q("SELECT nextval('{s}.dgen_stamp_seq')")
+
+
+# -- transactions -------------------------------------------------------------
+
+
+async def _execute_many(
+    conn: psycopg.AsyncConnection[Any], query: str, params: Iterable[Sequence[object]]
+) -> None:
+    async with conn.cursor() as cur:
+        await cur.executemany(query, params)
+
+
+class PostgresTransaction(BufferedTransaction):
+    def __init__(self, db: PostgresDatabase) -> None:
+        super().__init__(db.limits)
+        self._db = db
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._open_tx = False
+
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        """The transaction's connection, in a SERIALIZABLE transaction.
+
+        A pooled connection may have died with a server restart; nothing has
+        happened yet when BEGIN fails, so try a few fresh ones.
+        """
+        if self._conn is not None:
+            return self._conn
+        db = self._db
+        for attempt in range(db.pool_size + 1):
+            with _errors(db.url):
+                conn: psycopg.AsyncConnection[Any] = await db.pool.getconn()
+            try:
+                await conn.execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
+            except psycopg.OperationalError as exc:
+                await db.pool.putconn(conn)
+                if attempt == db.pool_size or not conn.closed:
+                    raise _map_error(exc, db.url) from exc
+                continue
+            except BaseException:
+                await db.pool.putconn(conn)
+                raise
+            self._conn, self._open_tx = conn, True
+            return conn
+        raise AssertionError("unreachable")
+
+    async def _read(self, key: bytes) -> bytes | None:
+        conn = await self._connection()
+        with _errors(self._db.url):
+            cur = await conn.execute(self._db.sql.get, (key,), binary=True)
+            row = await cur.fetchone()
+        return None if row is None else bytes(row[0])
+
+    async def _read_range(
+        self, begin: bytes, end: bytes, limit: int, reverse: bool
+    ) -> list[KeyValue]:
+        q = self._db.sql
+        conn = await self._connection()
+        with _errors(self._db.url):
+            if limit:
+                query = q.range_rev_limit if reverse else q.range_limit
+                cur = await conn.execute(query, (begin, end, limit), binary=True)
+            else:
+                query = q.range_rev if reverse else q.range
+                cur = await conn.execute(query, (begin, end), binary=True)
+            rows = await cur.fetchall()
+        return [(bytes(k), bytes(v)) for k, v in rows]
+
+    async def _apply(self) -> bytes | None:
+        buf, q, db = self.buffer, self._db.sql, self._db
+        if buf.is_empty():
+            if self._open_tx:  # a read-only transaction: COMMIT still validates it
+                await self._commit()
+            return None
+        conn = await self._connection()
+        stamp: bytes | None = None
+        written: list[bytes] = []
+        with _errors(db.url):
+            if buf.cleared:
+                await _execute_many(conn, q.clear_range, buf.cleared)
+            sets, clears, adds = [], [], []
+            for key, op in buf.points.items():
+                written.append(key)
+                if op.kind == CLEAR:
+                    clears.append((key,))
+                elif op.kind == ADD:
+                    delta = op.delta % (1 << 64)
+                    adds.append((key, delta, delta))
+                else:
+                    sets.append((key, op.value))
+            for query, params in ((q.clear, clears), (q.set, sets), (q.add, adds)):
+                if params:
+                    await _execute_many(conn, query, params)
+            if buf.stamped:
+                # Last, so the prefix locks are held only for the commit itself.
+                prefixes = sorted({key[:offset] for key, offset, _ in buf.stamped})
+                await conn.execute(q.lock_prefixes, (prefixes,))
+                stamp = await self._next_stamp(conn)
+                final = [(k[:o] + stamp + k[o + 10 :], v) for k, o, v in buf.stamped]
+                await _execute_many(conn, q.set, final)
+                written.extend(k for k, _ in final)
+            elif self._stamp is not None:
+                # Asked for the stamp of a commit without ordered-commit keys:
+                # still unique, and after every commit that ended before ours began.
+                stamp = await self._next_stamp(conn)
+        await self._commit()
+        db.watches.committed(written, whole=bool(buf.cleared))
+        return stamp if stamp is not None else b"\x00" * 10
+
+    async def _next_stamp(self, conn: psycopg.AsyncConnection[Any]) -> bytes:
+        cur = await conn.execute(self._db.sql.next_stamp)
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row[0]).to_bytes(8, "big") + b"\x00\x00"
+
+    async def _commit(self) -> None:
+        assert self._conn is not None
+        with _errors(self._db.url, committing=True):
+            await self._conn.execute("COMMIT")
+        self._open_tx = False
+
+    def _register_watch(self, watch: Watch, baseline: object) -> None:
+        self._db.watches.add(watch, baseline)
+
+    async def _release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            if self._open_tx and not conn.closed:
+                with contextlib.suppress(psycopg.Error):
+                    await conn.execute("ROLLBACK")
+        finally:
+            self._open_tx = False
+            await self._db.pool.putconn(conn)
+
+
+# -- watches ------------------------------------------------------------------
+
+
+def _key_hash(key: bytes) -> str:
+    return hashlib.blake2b(key, digest_size=6).hexdigest()
+
+
+class _Watches:
+    """Watches of one database object: notifier, listener and fallback poll."""
+
+    def __init__(self, db: PostgresDatabase, poll_interval: float) -> None:
+        self.db = db
+        self.poll_interval = poll_interval
+        self.origin = secrets.token_hex(4)
+        digest = hashlib.blake2b(db.schema.encode(), digest_size=8).hexdigest()
+        self.channel = f"dgen_{digest}"
+        self.waiting: dict[bytes, list[tuple[Watch, object]]] = {}
+        self.hashes: dict[str, bytes] = {}
+        self._outbox: set[str] = set()
+        self._outbox_ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._checks: set[asyncio.Task[None]] = set()
+        self.reconnects = 0
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="dgen-postgres-listener"),
+            asyncio.create_task(self._notify(), name="dgen-postgres-notifier"),
+        ]
+
+    async def stop(self) -> None:
+        for task in [*self._tasks, *self._checks]:
+            task.cancel()
+        for task in [*self._tasks, *self._checks]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        error = UnavailableError("the database was closed")
+        for entries in self.waiting.values():
+            for watch, _ in entries:
+                watch._fail(error)
+        self.waiting.clear()
+
+    def add(self, watch: Watch, baseline: object) -> None:
+        if baseline is UNKNOWN:
+            watch._fire()
+            return
+        self.waiting.setdefault(watch.key, []).append((watch, baseline))
+        self.hashes[_key_hash(watch.key)] = watch.key
+        self._spawn_check([watch.key])  # it may have changed since the snapshot
+
+    def committed(self, keys: list[bytes], *, whole: bool) -> None:
+        """A local commit wrote ``keys`` (or cleared ranges, if ``whole``)."""
+        hashes = {_key_hash(k) for k in keys}
+        if whole or len(self._outbox) + len(hashes) > _NOTIFY_LIMIT // 13:
+            self._outbox = {_ALL}
+        elif _ALL not in self._outbox:
+            self._outbox |= hashes
+        self._outbox_ready.set()
+        if whole:
+            self._spawn_check(None)
+        else:
+            local = [k for k in keys if k in self.waiting]
+            if local:
+                self._spawn_check(local)
+
+    def fire_all(self) -> None:
+        for entries in self.waiting.values():
+            for watch, _ in entries:
+                watch._fire()
+        self.waiting.clear()
+        self.hashes.clear()
+
+    def _spawn_check(self, keys: Iterable[bytes] | None) -> None:
+        task = asyncio.create_task(self.check(keys))
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    async def check(self, keys: Iterable[bytes] | None = None) -> None:
+        """Re-read watched ``keys`` (all if None); fire those that changed."""
+        wanted = list(self.waiting if keys is None else {k for k in keys if k in self.waiting})
+        if not wanted:
+            return
+        try:
+            async with self.db.pool.connection() as conn:
+                cur = await conn.execute(self.db.sql.get_many, (wanted,), binary=True)
+                current = {bytes(k): bytes(v) for k, v in await cur.fetchall()}
+        except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
+            log.debug("watch check failed, the next poll retries: %s", _clean(exc, self.db.url))
+            return
+        for key in wanted:
+            keep: list[tuple[Watch, object]] = []
+            for watch, baseline in self.waiting.get(key, []):
+                if watch.done():
+                    continue
+                if baseline != current.get(key):
+                    watch._fire()
+                else:
+                    keep.append((watch, baseline))
+            if keep:
+                self.waiting[key] = keep
+            else:
+                self.waiting.pop(key, None)
+                self.hashes.pop(_key_hash(key), None)
+
+    async def _notify(self) -> None:
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            batch, self._outbox = self._outbox, set()
+            payload = self.origin + " " + " ".join(sorted(batch))
+            try:
+                async with self.db.pool.connection() as conn:
+                    await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, payload))
+            except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
+                # Listeners that missed it reconnect (and fire) or poll.
+                log.debug("pg_notify failed: %s", _clean(exc, self.db.url))
+
+    async def _listen(self) -> None:
+        delay, connected_once = 0.05, False
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(self.db.conninfo, autocommit=True)
+            except (psycopg.Error, OSError):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            try:
+                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+                delay = 0.05
+                if connected_once:
+                    # Notifications sent while we were away are lost.
+                    self.reconnects += 1
+                    self.fire_all()
+                else:
+                    await self.check(None)  # watches registered before we listened
+                connected_once = True
+                while True:
+                    async for note in conn.notifies(timeout=self.poll_interval):
+                        self._on_note(note.payload)
+                    await self.check(None)
+            except (psycopg.Error, OSError) as exc:
+                log.debug("listener lost its connection: %s", _clean(exc, self.db.url))
+                connected_once = True
+            finally:
+                await conn.close()
+
+    def _on_note(self, payload: str) -> None:
+        origin, _, rest = payload.partition(" ")
+        if origin == self.origin or not self.waiting:
+            return
+        hashes = rest.split()
+        if _ALL in hashes:
+            self._spawn_check(None)
+            return
+        keys = [self.hashes[h] for h in hashes if h in self.hashes]
+        if keys:
+            self._spawn_check(keys)
+
+
+# -- the database -------------------------------------------------------------
+
+
+class PostgresDatabase(Database):
+    limits = LIMITS
+    capabilities = Capabilities(durable=True, cross_process=True, watches_cross_process=True)
+
+    def __init__(
+        self,
+        url: URL,
+        conninfo: str,
+        schema: str,
+        pool: psycopg_pool.AsyncConnectionPool[Any],
+        pool_size: int,
+        poll_interval: float,
+    ) -> None:
+        self.url = url
+        self.conninfo = conninfo
+        self.schema = schema
+        self.sql = _SQL(schema)
+        self.pool = pool
+        self.pool_size = pool_size
+        self.watches = _Watches(self, poll_interval)
+        self._closed = False
+
+    def create_transaction(self) -> PostgresTransaction:
+        if self._closed:
+            raise UnavailableError(f"{self.url} was closed")
+        return PostgresTransaction(self)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self.watches.stop()
+        await self.pool.close()
+
+    def __repr__(self) -> str:
+        return f"<PostgresDatabase {self.url}>"
+
+
+def _parse(url: URL) -> tuple[str, str, int, float, int]:
+    """conninfo, schema, pool size, poll interval and connect timeout from the URL."""
+    options = url.check_options(OPTIONS)
+
+    def number(name: str, default: str, kind: type[int] | type[float]) -> Any:
+        text = options.get(name, default)
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise URLError(f"option {name}={text!r} in {url} must be a positive number")
+        return value
+
+    pool_size = number("pool_size", "10", int)
+    poll = number("watch_poll_interval", "1.0", float)
+    timeout = number("connect_timeout", "10", int)
+    schema = options.get("schema", "dgen")
+    if not schema or len(schema.encode()) > 63:
+        raise URLError(f"option schema={schema!r} in {url} must be 1 to 63 bytes")
+    sync = options.get("synchronous_commit", "on")
+    if sync not in _SYNC_LEVELS:
+        raise URLError(
+            f"option synchronous_commit={sync!r} in {url} must be one of {', '.join(_SYNC_LEVELS)}"
+        )
+    dbname = url.path.lstrip("/")
+    if "/" in dbname:
+        raise URLError(f"the database name in {url} may not contain '/'")
+    params: dict[str, Any] = {
+        "dbname": dbname or None,
+        "user": url.username,
+        "password": url.password,
+        "host": options.get("host", url.host),
+        "port": options.get("port", url.port),
+        "sslmode": options.get("sslmode"),
+        "application_name": options.get("application_name", "dgen"),
+        "connect_timeout": timeout,
+        # Forcing index scans keeps SSI's predicate locks on index pages:
+        # a sequential scan locks the whole table and makes every writer
+        # conflict with every reader.
+        "options": f"-c synchronous_commit={sync} -c enable_seqscan=off -c enable_bitmapscan=off",
+    }
+    conninfo = psycopg.conninfo.make_conninfo(
+        **{k: str(v) for k, v in params.items() if v is not None}
+    )
+    return conninfo, schema, pool_size, poll, timeout
+
+
+async def _prepare_schema(conn: psycopg.AsyncConnection[Any], q: _SQL, schema: str) -> None:
+    """Create the tables on first use, or check their version."""
+    try:
+        cur = await conn.execute(q.version)
+        row = await cur.fetchone()
+    except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
+        row = None
+    if row is None:
+        async with conn.transaction():
+            # Concurrent first opens: CREATE ... IF NOT EXISTS alone can still
+            # collide in the catalogs, so take a lock named after the schema.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"dgen:{schema}",))
+            exists = await conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,))
+            if await exists.fetchone() is None:
+                await conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+            await conn.execute(q.ddl)
+            cur = await conn.execute(q.version)
+            row = await cur.fetchone()
+    version = int(row[0]) if row is not None else 0
+    if version > SCHEMA_VERSION:
+        raise UnavailableError(
+            f"schema {schema!r} has DGen table version {version}, newer than this DGen "
+            f"understands ({SCHEMA_VERSION}); upgrade DGen"
+        )
+    # Later versions migrate here, one step at a time, under the same lock.
+
+
+async def open_database(url: URL) -> PostgresDatabase:
+    """Connect, create or check the schema, and open the pool."""
+    conninfo, schema, pool_size, poll, timeout = _parse(url)
+    q = _SQL(schema)
+    try:
+        conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+    except (psycopg.Error, OSError) as exc:
+        raise _map_error(exc, url) from None
+    try:
+        with _errors(url):
+            await _prepare_schema(conn, q, schema)
+    finally:
+        await conn.close()
+    pool: psycopg_pool.AsyncConnectionPool[Any] = psycopg_pool.AsyncConnectionPool(
+        conninfo,
+        min_size=1,
+        max_size=pool_size,
+        kwargs={"autocommit": True},
+        open=False,
+        name=f"dgen-{schema}",
+        timeout=float(timeout),  # waiting for a free or fresh connection
+    )
+    try:
+        with _errors(url):
+            await pool.open(wait=True, timeout=float(timeout))
+    except BaseException:
+        await pool.close()
+        raise
+    db = PostgresDatabase(url, conninfo, schema, pool, pool_size, poll)
+    db.watches.start()
+    return db
