@@ -95,6 +95,8 @@ class MemoryTransaction(BufferedTransaction):
         if self._read_version is None:
             self._read_version = self._store.version
             self._store.readers[id(self)] = self._read_version
+            # An abandoned transaction must not pin the conflict log forever.
+            weakref.finalize(self, self._store.readers.pop, id(self), None)
         return self._read_version
 
     async def _read(self, key: bytes) -> bytes | None:

@@ -23,6 +23,7 @@ import asyncio
 import os
 import sqlite3
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -137,6 +138,7 @@ class SQLiteTransaction(BufferedTransaction):
         super().__init__(db.limits)
         self._db = db
         self._conn: _Connection | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
         self._read_version: int | None = None
         # Every read of committed data, replayed at commit to detect conflicts.
         self._reads: list[tuple[tuple[Any, ...], Any]] = []
@@ -153,6 +155,9 @@ class SQLiteTransaction(BufferedTransaction):
                 self._db._give_back(conn, broken=True)
                 raise _map_error(exc, self._db.path) from None
             self._conn = conn
+            # A transaction dropped without commit or rollback must not keep its
+            # connection (and its WAL snapshot, which blocks checkpoints) forever.
+            self._finalizer = weakref.finalize(self, self._db._reclaim, conn)
         return self._conn
 
     async def _query(self, args: tuple[Any, ...]) -> Any:
@@ -188,6 +193,7 @@ class SQLiteTransaction(BufferedTransaction):
         conn = self._conn
         if conn is None:
             conn = self._conn = await self._db._acquire()
+            self._finalizer = weakref.finalize(self, self._db._reclaim, conn)
         read_version, reads = self._read_version, self._reads
         path = self._db.path
 
@@ -263,7 +269,8 @@ class SQLiteTransaction(BufferedTransaction):
         conn, self._conn = self._conn, None
         if conn is None:
             return
-
+        if self._finalizer is not None:
+            self._finalizer.detach()
         try:
             sql = conn.open()
             if sql.in_transaction:
@@ -373,6 +380,15 @@ class SQLiteDatabase(Database):
         else:
             self._idle.append(conn)
         self._pool_slots.release()
+
+    def _reclaim(self, conn: _Connection) -> None:
+        try:
+            sql = conn.open()
+            if sql.in_transaction:
+                sql.execute("ROLLBACK")
+            self._give_back(conn)
+        except Exception:
+            self._give_back(conn, broken=True)
 
     # -- watches -----------------------------------------------------------
 
