@@ -1,5 +1,19 @@
 """DGen: durable GenServers whose queue and state live in a transactional store."""
 
+from dgen.codec import DecodeError, UnencodableError
+from dgen.consumer import ConsumerStats
+from dgen.handle import Handle, handle
+from dgen.running import RunningServer, serve, start
+from dgen.server import (
+    Caller,
+    CallTimeoutError,
+    DGenServer,
+    Lock,
+    NoReply,
+    Reply,
+    ReplyLostError,
+    Stop,
+)
 from dgen.store import (
     Capabilities,
     CommitUnknownError,
@@ -19,6 +33,22 @@ from dgen.store import (
 from dgen.urls import URL, BackendNotFoundError, DriverMissingError, URLError, connect
 
 __all__ = [
+    "CallTimeoutError",
+    "Caller",
+    "ConsumerStats",
+    "DGenServer",
+    "DecodeError",
+    "Handle",
+    "Lock",
+    "NoReply",
+    "Reply",
+    "ReplyLostError",
+    "RunningServer",
+    "Stop",
+    "UnencodableError",
+    "handle",
+    "serve",
+    "start",
     "URL",
     "BackendNotFoundError",
     "Capabilities",

@@ -1,0 +1,487 @@
+"""The consumer: takes messages from a tenant's queue and runs the handlers.
+
+One loop per consumer. Each turn is one transaction (retried on conflict by
+:meth:`Database.run`) that reads the lock key, the version key, the state
+(only on a cache miss) and up to ``batch_size`` head messages, runs the
+handlers, writes the new state with a new version token, writes replies and
+clears the consumed messages. Then it runs the after-commit actions. With
+an empty queue it commits a watch on the push counter and sleeps on it.
+
+Locks: a handler's :class:`Lock` result writes a lock record (owner token,
+lease deadline, the message) in the same transaction. ``handle_locked`` then
+runs outside any transaction while a task renews the lease; its result is
+committed with the lock's release only if the record still names this
+consumer as owner (fencing). Consumers that find a live foreign lock wait on
+a watch of the lock key, bounded by the lease deadline; one that finds an
+expired lease takes the lock over and runs ``handle_locked`` itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
+
+from dgen import codec
+from dgen.queue import Message, TenantKeys, clear_message, read_blob, read_head, write_blob
+from dgen.server import Action, Caller, DGenServer, Lock, NoReply, Reply, Result, Stop
+from dgen.store import Database, Transaction, Watch
+
+__all__ = ["Consumer", "ConsumerStats"]
+
+log = logging.getLogger("dgen.consumer")
+T = TypeVar("T")
+
+# Reply slots are collected this long after their deadline (clock-skew margin).
+_REPLY_GRACE_SECONDS = 60
+
+
+async def _maybe_await(value: T | Awaitable[T]) -> T:
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+@dataclass
+class ConsumerStats:
+    """Counters of one consumer, for tests, benchmarks and operators."""
+
+    transactions: int = 0
+    """Committed consume transactions (including idle and lock ones)."""
+    attempts: int = 0
+    """Transaction attempts; ``attempts - transactions`` were retried or failed."""
+    messages: int = 0
+    """Messages consumed."""
+    cache_hits: int = 0
+    """Attempts that used the cached state after reading only the version key."""
+    state_reads: int = 0
+    """Times the state was read from the store (start and cache misses)."""
+    lock_takeovers: int = 0
+    """Expired locks of other consumers taken over."""
+    action_failures: int = 0
+    """After-commit actions that raised (logged, not propagated)."""
+
+
+@dataclass(slots=True)
+class _Cached:
+    token: bytes
+    state: Any
+    encoded: bytes
+
+
+@dataclass(slots=True)
+class _LockRecord:
+    owner: bytes
+    deadline: float
+    lease: float
+    kind: str
+    payload: bytes
+    reply_slot: bytes | None
+    stamp: bytes
+
+    def encode(self) -> bytes:
+        return codec.encode(
+            {
+                "owner": self.owner,
+                "deadline": self.deadline,
+                "lease": self.lease,
+                "kind": self.kind,
+                "payload": self.payload,
+                "reply": self.reply_slot,
+                "id": self.stamp,
+            }
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> _LockRecord:
+        d = codec.decode(data)
+        return cls(
+            d["owner"], d["deadline"], d["lease"], d["kind"], d["payload"], d["reply"], d["id"]
+        )
+
+
+@dataclass(slots=True)
+class _Done:
+    """Outcome of a consume transaction that processed messages."""
+
+    cache: _Cached
+    messages: int
+    actions: list[tuple[Sequence[Action], Any, str]] = field(default_factory=list)
+    stop: Stop | None = None
+    locked: _LockRecord | None = None
+
+
+@dataclass(slots=True)
+class _Wait:
+    watch: Watch
+    timeout: float | None = None
+
+
+@dataclass(slots=True)
+class _TakeOver:
+    record: _LockRecord
+    cache: _Cached
+
+
+class Consumer:
+    """Consumes one tenant's queue on one database. Use :func:`dgen.start` or
+    :func:`dgen.serve` rather than this class directly."""
+
+    def __init__(
+        self,
+        server: DGenServer,
+        db: Database,
+        tenant: str,
+        *,
+        batch_size: int = 16,
+        lease: float = 30.0,
+        gc_interval: float = 60.0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if lease <= 0:
+            raise ValueError(f"lease must be positive, got {lease}")
+        self.server = server
+        self.db = db
+        self.keys = TenantKeys(tenant)
+        self.tenant = tenant
+        self.batch_size = batch_size
+        self.lease = lease
+        self.gc_interval = gc_interval
+        self.owner = uuid.uuid4().bytes
+        self.stats = ConsumerStats()
+        self.stop_reason: Any = None
+        self._cache: _Cached | None = None
+        self._cache_dirty = False
+        self._max_value = db.limits.max_value_size
+        self._next_gc = 0.0
+
+    # -- transactions with cache invalidation ---------------------------------
+
+    async def _run(self, fn: Callable[[Transaction], Awaitable[T]]) -> T:
+        """``db.run(fn)``, dropping the cache whenever an attempt fails: a
+        handler may have mutated the cached state in place."""
+        in_flight = False
+
+        async def attempt(tr: Transaction) -> T:
+            nonlocal in_flight
+            if in_flight:
+                self._cache_dirty = True
+            in_flight = True
+            self.stats.attempts += 1
+            return await fn(tr)
+
+        try:
+            result = await self.db.run(attempt)
+        except BaseException:
+            self._cache_dirty = True
+            raise
+        self.stats.transactions += 1
+        return result
+
+    def _set_cache(self, cache: _Cached | None) -> None:
+        self._cache = cache
+        self._cache_dirty = False
+
+    async def _load_state(self, tr: Transaction) -> _Cached | None:
+        """The state as of this transaction: from the cache if the version key
+        still holds the cached token, else from the store. None if no state."""
+        token = await tr.get(self.keys.version)
+        if token is None:
+            return None
+        cache = self._cache
+        if cache is not None and cache.token == token:
+            self.stats.cache_hits += 1
+            if self._cache_dirty:
+                # A failed attempt may have mutated the cached object: rebuild it
+                # from the cached bytes, which still match the token.
+                cache = self._cache = _Cached(token, codec.decode(cache.encoded), cache.encoded)
+                self._cache_dirty = False
+            return cache
+        data = await read_blob(tr, self.keys.state)
+        if data is None:
+            raise codec.DecodeError(f"tenant {self.tenant!r} has a version key but no state")
+        self.stats.state_reads += 1
+        return _Cached(token, codec.decode(data), data)
+
+    def _write_state(self, tr: Transaction, state: Any, old: _Cached | None) -> _Cached:
+        encoded = codec.encode(state)
+        if old is not None and encoded == old.encoded:
+            return _Cached(old.token, state, encoded)
+        token = uuid.uuid4().bytes
+        write_blob(tr, self.keys.state, encoded, self._max_value)
+        tr.set(self.keys.version, token)
+        return _Cached(token, state, encoded)
+
+    # -- start ------------------------------------------------------------------
+
+    async def initialise(self, arg: Any = None, *, reset: bool = False) -> None:
+        """Run ``init(arg)`` if the tenant has no state (or ``reset``); fill the cache."""
+
+        async def init(tr: Transaction) -> _Cached:
+            current = None if reset else await self._load_state(tr)
+            if current is not None:
+                return current
+            state = await _maybe_await(self.server.init(arg))
+            return self._write_state(tr, state, None)
+
+        self._set_cache(await self._run(init))
+
+    # -- the loop -----------------------------------------------------------------
+
+    async def run(self) -> Any:
+        """Consume until a handler returns :class:`Stop` (returns its reason)
+        or the task is cancelled. A handler's exception propagates."""
+        if self._cache is None:
+            await self.initialise()
+        while True:
+            await self._collect_garbage()
+            outcome = await self._run(self._consume)
+            if isinstance(outcome, _Wait):
+                await self._sleep(outcome)
+                continue
+            if isinstance(outcome, _TakeOver):
+                self._set_cache(outcome.cache)
+                stop = await self._run_locked(outcome.record, outcome.cache.state)
+            else:
+                self._set_cache(outcome.cache)
+                self.stats.messages += outcome.messages
+                await self._run_actions(outcome.actions)
+                stop = outcome.stop
+                if outcome.locked is not None:
+                    stop = await self._run_locked(outcome.locked, outcome.cache.state)
+            if stop is not None:
+                self.stop_reason = stop.reason
+                return stop.reason
+
+    async def _sleep(self, wait: _Wait) -> None:
+        try:
+            async with asyncio.timeout(wait.timeout):
+                await wait.watch
+        except TimeoutError:
+            pass
+        finally:
+            wait.watch.cancel()
+
+    async def _consume(self, tr: Transaction) -> _Done | _Wait | _TakeOver:
+        raw_lock = await read_blob(tr, self.keys.lock)
+        if raw_lock is not None:
+            record = _LockRecord.decode(raw_lock)
+            remaining = record.deadline - time.time()
+            if remaining > 0 and record.owner != self.owner:
+                return _Wait(tr.watch(self.keys.lock), remaining + 0.01)
+            return await self._take_over(tr, record)
+        current = await self._load_state(tr)
+        if current is None:
+            raise RuntimeError(f"tenant {self.tenant!r} has no state (was it deleted?)")
+        messages = await read_head(tr, self.keys, self.batch_size)
+        if not messages:
+            return _Wait(tr.watch(self.keys.push))
+        return await self._handle_batch(tr, current, messages)
+
+    async def _handle_batch(
+        self, tr: Transaction, current: _Cached, messages: list[Message]
+    ) -> _Done:
+        state = current.state
+        done = _Done(current, 0)
+        budget = self.db.limits.max_transaction_size // 4
+        time_budget = self.db.limits.max_transaction_seconds
+        started = time.monotonic()
+        for message in messages:
+            # Keep a batch well inside the backend's transaction limits.
+            if done.messages and (
+                (budget := budget - message.size) < 0
+                or (time_budget is not None and time.monotonic() - started > time_budget / 2)
+            ):
+                break
+            result = await self._dispatch(message, state)
+            state = result.state
+            clear_message(tr, self.keys, message.stamp)
+            done.messages += 1
+            if message.kind == "call" and not isinstance(result, (NoReply, Lock)):
+                value = result.value if isinstance(result, Reply) else result.reply
+                await self._write_reply(tr, message.reply_slot, codec.encode(value))
+            if result.actions:
+                done.actions.append((result.actions, state, message.id))
+            if isinstance(result, Lock):
+                done.locked = _LockRecord(
+                    self.owner,
+                    time.time() + self.lease,
+                    self.lease,
+                    message.kind,
+                    message.payload,
+                    message.reply_slot,
+                    message.stamp,
+                )
+                write_blob(tr, self.keys.lock, done.locked.encode(), self._max_value)
+                break
+            if isinstance(result, Stop):
+                done.stop = result
+                break
+        done.cache = self._write_state(tr, state, current)
+        return done
+
+    async def _dispatch(self, message: Message, state: Any) -> Result:
+        payload = codec.decode(message.payload)
+        try:
+            if message.kind == "call":
+                result: Any = await _maybe_await(
+                    self.server.handle_call(payload, Caller(message.id), state)
+                )
+                allowed: tuple[type, ...] = (Reply, NoReply, Lock, Stop)
+            else:
+                result = await _maybe_await(self.server.handle_cast(payload, state))
+                allowed = (NoReply, Lock, Stop)
+            if type(result) not in allowed:
+                names = ", ".join(t.__name__ for t in allowed)
+                raise TypeError(
+                    f"handle_{message.kind} of {type(self.server).__name__} returned "
+                    f"{type(result).__name__}; expected one of {names}"
+                )
+        except BaseException as exc:
+            exc.add_note(f"dgen: tenant {self.tenant!r}, {message.kind} message {message.id}")
+            raise
+        return cast(Result, result)
+
+    async def _write_reply(self, tr: Transaction, slot: bytes | None, data: bytes) -> None:
+        # A missing slot means the caller timed out and removed it: drop the reply.
+        if slot is not None and await tr.get(slot) is not None:
+            write_blob(tr, slot, data, self._max_value)
+
+    async def _run_actions(self, batches: list[tuple[Sequence[Action], Any, str]]) -> None:
+        for actions, state, message_id in batches:
+            for action in actions:
+                try:
+                    await _maybe_await(action(state))
+                except Exception:
+                    self.stats.action_failures += 1
+                    log.exception(
+                        "after-commit action %r failed (tenant %r, message %s); the commit "
+                        "stands and the consumer continues",
+                        action,
+                        self.tenant,
+                        message_id,
+                    )
+
+    # -- locks ----------------------------------------------------------------------
+
+    async def _take_over(self, tr: Transaction, record: _LockRecord) -> _TakeOver:
+        current = await self._load_state(tr)
+        if current is None:
+            raise RuntimeError(f"tenant {self.tenant!r} is locked but has no state")
+        if record.owner != self.owner:
+            log.warning(
+                "taking over the lock of tenant %r (message %s) after its lease expired; "
+                "handle_locked runs again",
+                self.tenant,
+                record.stamp.hex(),
+            )
+            self.stats.lock_takeovers += 1
+        taken = _LockRecord(
+            self.owner,
+            time.time() + self.lease,
+            self.lease,
+            record.kind,
+            record.payload,
+            record.reply_slot,
+            record.stamp,
+        )
+        write_blob(tr, self.keys.lock, taken.encode(), self._max_value)
+        return _TakeOver(taken, current)
+
+    async def _renew(self, record: _LockRecord) -> None:
+        async def renew(tr: Transaction) -> bool:
+            raw = await read_blob(tr, self.keys.lock)
+            if raw is None or _LockRecord.decode(raw).owner != self.owner:
+                return False
+            record.deadline = time.time() + self.lease
+            write_blob(tr, self.keys.lock, record.encode(), self._max_value)
+            return True
+
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            if not await self.db.run(renew):
+                log.warning("lost the lock of tenant %r to another consumer", self.tenant)
+                return
+
+    async def _run_locked(self, record: _LockRecord, state: Any) -> Stop | None:
+        message_id = record.stamp.hex()
+        message = codec.decode(record.payload)
+        renewer = asyncio.ensure_future(self._renew(record))
+        try:
+            result: Any = await _maybe_await(self.server.handle_locked(record.kind, message, state))
+        except BaseException as exc:
+            exc.add_note(f"dgen: tenant {self.tenant!r}, handle_locked of message {message_id}")
+            raise
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+        allowed: tuple[type, ...] = (
+            (Reply, NoReply, Stop)
+            if record.kind == "call"
+            else (
+                NoReply,
+                Stop,
+            )
+        )
+        if type(result) not in allowed:
+            raise TypeError(
+                f"handle_locked of {type(self.server).__name__} returned "
+                f"{type(result).__name__}; expected one of "
+                f"{', '.join(t.__name__ for t in allowed)}"
+            )
+        reply = None
+        if record.kind == "call" and not isinstance(result, NoReply):
+            reply = codec.encode(result.value if isinstance(result, Reply) else result.reply)
+
+        async def release(tr: Transaction) -> _Cached | None:
+            raw = await read_blob(tr, self.keys.lock)
+            if raw is None or _LockRecord.decode(raw).owner != self.owner:
+                return None  # fenced: another consumer took the lock over
+            current = await self._load_state(tr)
+            if reply is not None:
+                await self._write_reply(tr, record.reply_slot, reply)
+            tr.clear(self.keys.lock)
+            tr.clear_range(self.keys.lock + b"\x00", self.keys.lock + b"\xff")
+            return self._write_state(tr, result.state, current)
+
+        cache = await self._run(release)
+        if cache is None:
+            log.warning(
+                "discarding handle_locked result of tenant %r (message %s): the lock was "
+                "taken over by another consumer after this one's lease expired",
+                self.tenant,
+                message_id,
+            )
+            self._set_cache(None)
+            return None
+        self._set_cache(cache)
+        self.stats.messages += 1
+        await self._run_actions([(result.actions, result.state, message_id)])
+        return result if isinstance(result, Stop) else None
+
+    # -- housekeeping ---------------------------------------------------------------
+
+    async def _collect_garbage(self) -> None:
+        """Remove reply slots whose callers are long gone (throttled)."""
+        now = time.time()
+        if now < self._next_gc:
+            return
+        self._next_gc = now + self.gc_interval
+        cutoff = self.keys.replies_before(int(now) - _REPLY_GRACE_SECONDS)
+
+        async def collect(tr: Transaction) -> None:
+            tr.clear_range(self.keys.replies_begin, cutoff)
+
+        await self.db.run(collect)
+
+    def __repr__(self) -> str:
+        return f"<Consumer tenant={self.tenant!r} pid={os.getpid()}>"

@@ -1,0 +1,214 @@
+"""A tenant's keys in the store: queue, state, version, lock and reply slots.
+
+Every key is tuple-packed under the tenant's prefix ``("dgen", tenant)``:
+
+========================  ===================================================
+``("q", stamp)``          a queued message; ``stamp`` is an ordered-commit
+                          key (versionstamp + user version), so key order is
+                          enqueue-commit order. Large messages add chunk keys
+                          ``("q", stamp, i)``.
+``("n",)``                push counter, bumped with atomic add on every
+                          enqueue; idle consumers watch it.
+``("s",)``                the state (a blob, chunks ``("s", i)``).
+``("v",)``                version token: 16 random bytes rewritten on every
+                          state write; outside the state's key range, so it
+                          is never read as part of the state.
+``("k",)``                the lock record (a blob), present while locked.
+``("r", deadline, id)``   a reply slot: ``b""`` while the caller waits, then
+                          the reply blob. ``deadline`` (unix seconds) lets
+                          consumers garbage-collect slots of dead callers.
+========================  ===================================================
+
+A *blob* is a value that may exceed the backend's value limit: its main key
+holds ``b"\\x00" + data`` when that fits, else ``b"\\x01" + packed (chunks,
+size)`` with the data split over keys ``main + pack((i,))``, which sort
+right after the main key and inside its :func:`dgen.keys.range_of`.
+
+This module only reads and writes keys inside a caller's transaction; the
+consumer and the handles decide what a transaction contains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dgen import codec
+from dgen.keys import Versionstamp, pack, pack_with_versionstamp, range_of, unpack
+from dgen.store import Transaction
+
+__all__ = ["Message", "TenantKeys", "read_blob", "write_blob"]
+
+_INLINE, _CHUNKED = 0, 1
+
+
+class TenantKeys:
+    """The keys of one tenant."""
+
+    __slots__ = (
+        "lock",
+        "prefix",
+        "push",
+        "queue_begin",
+        "queue_end",
+        "replies_begin",
+        "replies_end",
+        "state",
+        "tenant",
+        "version",
+    )
+
+    def __init__(self, tenant: str) -> None:
+        if not isinstance(tenant, str) or not tenant:
+            raise ValueError(f"a tenant is a non-empty str, got {tenant!r}")
+        self.tenant = tenant
+        self.prefix = pack(("dgen", tenant))
+        self.queue_begin, self.queue_end = range_of(("q",), self.prefix)
+        self.push = pack(("n",), self.prefix)
+        self.state = pack(("s",), self.prefix)
+        self.version = pack(("v",), self.prefix)
+        self.lock = pack(("k",), self.prefix)
+        self.replies_begin, self.replies_end = range_of(("r",), self.prefix)
+
+    def reply_slot(self, deadline: int, reply_id: bytes) -> bytes:
+        return pack(("r", deadline, reply_id), self.prefix)
+
+    def replies_before(self, unix_seconds: int) -> bytes:
+        """End of the range holding every slot whose deadline is earlier."""
+        return pack(("r", unix_seconds), self.prefix)
+
+
+def _split(data: bytes, max_value: int) -> list[bytes]:
+    return [data[i : i + max_value] for i in range(0, len(data), max_value)] or [b""]
+
+
+def write_blob(tr: Transaction, key: bytes, data: bytes, max_value: int) -> None:
+    """Write ``data`` at ``key``, chunked if it exceeds ``max_value``.
+
+    Clears chunks of a previous, longer blob at the same key.
+    """
+    begin, end = key + b"\x00", key + b"\xff"
+    tr.clear_range(begin, end)
+    if len(data) < max_value:
+        tr.set(key, bytes((_INLINE,)) + data)
+        return
+    chunks = _split(data, max_value)
+    tr.set(key, bytes((_CHUNKED,)) + pack((len(chunks), len(data))))
+    for i, chunk in enumerate(chunks):
+        tr.set(key + pack((i,)), chunk)
+
+
+async def read_blob(tr: Transaction, key: bytes) -> bytes | None:
+    """The blob at ``key`` (None if absent)."""
+    head = await tr.get(key)
+    if head is None:
+        return None
+    return await _join(tr, key, head)
+
+
+async def _join(tr: Transaction, key: bytes, head: bytes) -> bytes:
+    if head[:1] == bytes((_INLINE,)):
+        return head[1:]
+    count, size = unpack(head[1:])
+    assert isinstance(count, int) and isinstance(size, int)
+    rows = await tr.get_range(key + b"\x00", key + b"\xff")
+    data = b"".join(value for _, value in rows)
+    if len(rows) != count or len(data) != size:
+        raise codec.DecodeError(
+            f"blob at {key!r} is incomplete: {len(rows)} of {count} chunks, "
+            f"{len(data)} of {size} bytes"
+        )
+    return data
+
+
+def is_blob(value: bytes) -> bool:
+    """Whether a reply slot's value is a written reply (not the pending marker)."""
+    return bool(value)
+
+
+# -- the queue -----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Message:
+    """A queued message as the consumer sees it."""
+
+    stamp: bytes
+    """12 bytes: commit stamp + user version; the message id."""
+    kind: str
+    """``"cast"`` or ``"call"``."""
+    payload: bytes
+    """The encoded message (decode with :func:`dgen.codec.decode`)."""
+    reply_slot: bytes | None
+    """The caller's reply slot key (calls only)."""
+    size: int
+
+    @property
+    def id(self) -> str:
+        return self.stamp.hex()
+
+
+def encode_record(kind: str, payload: bytes, reply_slot: bytes | None) -> bytes:
+    return codec.encode((kind, reply_slot, payload))
+
+
+def enqueue(
+    tr: Transaction, keys: TenantKeys, record: bytes, user_version: int, max_value: int
+) -> None:
+    """Append a message record to the tenant's queue in this transaction.
+
+    Several enqueues in one transaction must use increasing user versions.
+    """
+    stamp = Versionstamp(None, user_version)
+    main, offset = pack_with_versionstamp(("q", stamp), keys.prefix)
+    if len(record) < max_value:
+        tr.set_versionstamped_key(main, offset, bytes((_INLINE,)) + record)
+    else:
+        chunks = _split(record, max_value)
+        tr.set_versionstamped_key(
+            main, offset, bytes((_CHUNKED,)) + pack((len(chunks), len(record)))
+        )
+        for i, chunk in enumerate(chunks):
+            key, off = pack_with_versionstamp(("q", stamp, i), keys.prefix)
+            tr.set_versionstamped_key(key, off, chunk)
+    tr.add(keys.push, 1)
+
+
+async def read_head(tr: Transaction, keys: TenantKeys, limit: int) -> list[Message]:
+    """Up to ``limit`` messages from the head of the queue, oldest first.
+
+    Reads at most ``limit`` keys, so chunked messages make the batch smaller;
+    a chunked first message is always read whole.
+    """
+    rows = await tr.get_range(keys.queue_begin, keys.queue_end, limit=limit)
+    plen = len(keys.prefix)
+    messages: list[Message] = []
+    i = 0
+    while i < len(rows):
+        key, head = rows[i]
+        parts = unpack(key, plen)
+        stamp = parts[1]
+        assert isinstance(stamp, Versionstamp) and len(parts) == 2, f"stray queue key {key!r}"
+        if head[:1] == bytes((_INLINE,)):
+            record = head[1:]
+            i += 1
+        else:
+            count = unpack(head[1:])[0]
+            assert isinstance(count, int)
+            if i + 1 + count <= len(rows):
+                record = b"".join(v for _, v in rows[i + 1 : i + 1 + count])
+                i += 1 + count
+            elif not messages:
+                record = await _join(tr, key, head)
+                i = len(rows)
+            else:
+                break  # the rest of this message is beyond the limit: next batch
+        kind, reply_slot, payload = codec.decode(record)
+        messages.append(Message(stamp.to_bytes(), kind, payload, reply_slot, len(record)))
+    return messages
+
+
+def clear_message(tr: Transaction, keys: TenantKeys, stamp: bytes) -> None:
+    """Remove a consumed message (and its chunks)."""
+    main = pack(("q", Versionstamp.from_bytes(stamp)), keys.prefix)
+    tr.clear(main)
+    tr.clear_range(main + b"\x00", main + b"\xff")
