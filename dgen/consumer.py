@@ -63,6 +63,8 @@ class ConsumerStats:
     """Attempts that used the cached state after reading only the version key."""
     state_reads: int = 0
     """Times the state was read from the store (start and cache misses)."""
+    lock_waits: int = 0
+    """Times this consumer found another consumer's live lock and waited."""
     lock_takeovers: int = 0
     """Expired locks of other consumers taken over."""
     action_failures: int = 0
@@ -122,6 +124,7 @@ class _Done:
 class _Wait:
     watch: Watch
     timeout: float | None = None
+    locked: bool = False
 
 
 @dataclass(slots=True)
@@ -245,6 +248,7 @@ class Consumer:
             await self._collect_garbage()
             outcome = await self._run(self._consume)
             if isinstance(outcome, _Wait):
+                self.stats.lock_waits += outcome.locked
                 await self._sleep(outcome)
                 continue
             if isinstance(outcome, _TakeOver):
@@ -276,7 +280,7 @@ class Consumer:
             record = _LockRecord.decode(raw_lock)
             remaining = record.deadline - time.time()
             if remaining > 0 and record.owner != self.owner:
-                return _Wait(tr.watch(self.keys.lock), remaining + 0.01)
+                return _Wait(tr.watch(self.keys.lock), remaining + 0.01, locked=True)
             return await self._take_over(tr, record)
         current = await self._load_state(tr)
         if current is None:
