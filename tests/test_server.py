@@ -527,21 +527,21 @@ class Gate(dgen.DGenServer):
 
     def handle_cast(self, message: Any, state: Any) -> Any:
         if isinstance(message, tuple) and message[0] == "lock":
-            return dgen.Lock(state + [f"locking {message[1]}"])
-        return dgen.NoReply(state + [message])
+            return dgen.Lock([*state, f"locking {message[1]}"])
+        return dgen.NoReply([*state, message])
 
     def handle_call(self, request: Any, caller: dgen.Caller, state: Any) -> Any:
         if request == "get":
             return dgen.Reply(state, state)
-        return dgen.Lock(state + ["call locking"])
+        return dgen.Lock([*state, "call locking"])
 
     async def handle_locked(self, kind: str, message: Any, state: Any) -> Any:
         self.locked_runs += 1
         self.entered.set()
         await self.release.wait()
         if kind == "call":
-            return dgen.Reply(f"locked result for {message}", state + ["call locked"])
-        return dgen.NoReply(state + [f"locked {message[1]}"])
+            return dgen.Reply(f"locked result for {message}", [*state, "call locked"])
+        return dgen.NoReply([*state, f"locked {message[1]}"])
 
 
 async def test_lock_via_cast_then_casts_during_the_lock_run_after_in_order(
