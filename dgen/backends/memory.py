@@ -44,7 +44,7 @@ class MemoryStore:
         return any(_overlaps(ranges, begin, end) for _, ranges in self.log[i:])
 
     def prune(self) -> None:
-        oldest = min(self.readers, default=self.version)
+        oldest = min(self.readers.values(), default=self.version)
         i = bisect.bisect_right(self.log, oldest, key=lambda entry: entry[0])
         del self.log[:i]
 
