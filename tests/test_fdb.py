@@ -442,6 +442,21 @@ async def test_watch_of_a_failed_commit_fails_with_the_mapped_error() -> None:
         await asyncio.wait_for(watch, 30)
 
 
+async def test_native_error_after_commit_wakes_the_watcher_instead_of_failing() -> None:
+    # 1029 watch_cancelled: the storage server dropped the watch. The watcher
+    # must re-read and re-watch, not crash: a spurious fire does that.
+    native = StandInFDBFuture()
+    watch = watch_from_native(b"k", native, (), translate_exception, committed=lambda: True)
+    in_thread(lambda: native.fail(1029)).join()
+    await asyncio.wait_for(watch, 30)
+    # ... except the watch limit, where re-watching would spin.
+    native = StandInFDBFuture()
+    watch = watch_from_native(b"k", native, (), translate_exception, committed=lambda: True)
+    in_thread(lambda: native.fail(1032)).join()
+    with pytest.raises(TooManyWatchesError):
+        await asyncio.wait_for(watch, 30)
+
+
 async def test_watch_budget_refuses_before_the_native_limit() -> None:
     budget = fdb_backend._WatchBudget(limit=2)
     natives = [StandInFDBFuture() for _ in range(2)]

@@ -405,16 +405,27 @@ class _FDBWatch(Watch):
     It counts in ``registries`` (the cluster's budget, its database's set)
     until it fires, fails or is cancelled; then the native watch is
     cancelled too, which frees its slot in FoundationDB's limit.
+
+    A native error before or at commit fails the watch with the commit's
+    error. Once ``committed()`` is true, an error (say the storage server
+    dropped the watch, 1029) fires it instead: a spurious wake-up makes the
+    watcher re-read and watch again, which the contract allows, whereas an
+    exception would crash a consumer that did nothing wrong.
     """
 
-    __slots__ = ("_bridge", "_registries")
+    __slots__ = ("_bridge", "_committed", "_registries")
 
     def __init__(
-        self, key: bytes, bridge: asyncio.Future[None], registries: tuple[set[Watch], ...]
+        self,
+        key: bytes,
+        bridge: asyncio.Future[None],
+        registries: tuple[set[Watch], ...],
+        committed: Callable[[], bool],
     ) -> None:
         super().__init__(key)
         self._bridge = bridge
         self._registries = registries
+        self._committed = committed
         for registry in registries:
             registry.add(self)
         bridge.add_done_callback(self._native_done)
@@ -424,7 +435,7 @@ class _FDBWatch(Watch):
         if bridge.cancelled():
             return
         exc = bridge.exception()
-        if exc is None:
+        if exc is None or (self._committed() and not isinstance(exc, TooManyWatchesError)):
             self._fire()
         else:
             self._fail(exc)
@@ -441,10 +452,12 @@ def watch_from_native(
     native: NativeFuture,
     registries: tuple[set[Watch], ...] = (),
     translate: Callable[[BaseException], BaseException] = lambda exc: exc,
+    committed: Callable[[], bool] = lambda: False,
 ) -> Watch:
     """Wrap a native watch future (``tr.watch(key)``) as a DGen :class:`Watch`
-    that is listed in each of ``registries`` while outstanding."""
-    return _FDBWatch(key, bridge_future(native, _void, translate), registries)
+    listed in each of ``registries`` while outstanding; ``committed()`` says
+    whether its transaction has committed (see :class:`_FDBWatch`)."""
+    return _FDBWatch(key, bridge_future(native, _void, translate), registries, committed)
 
 
 # -- URL and API version -----------------------------------------------------------
@@ -606,9 +619,10 @@ def _load_binding(requested: int | None) -> Any:
         version_fn.restype = ctypes.c_char_p
         raw = version_fn()
         library_version = raw.decode(errors="replace").split(",")[0] if raw else "unknown"
-        chosen = choose_api_version(
-            requested, int(fdb.LATEST_API_VERSION), library_max, library_version
-        )
+        # Bindings older than 7.x may lack LATEST_API_VERSION; then only the
+        # library's own limit is known.
+        binding_max = int(getattr(fdb, "LATEST_API_VERSION", library_max))
+        chosen = choose_api_version(requested, binding_max, library_max, library_version)
         try:
             fdb.api_version(chosen)
         except Exception as exc:
@@ -655,9 +669,14 @@ class FDBTransaction(Transaction):
         self._stamped: list[tuple[bytes, bytes]] = []
         self._watches: list[Watch] = []
         self._stamp: asyncio.Future[bytes] | None = None
+        self._commit: asyncio.Future[None] | None = None
         self._closed = False
 
     # -- helpers
+
+    def _committed(self) -> bool:
+        done = self._commit
+        return done is not None and done.done() and not done.cancelled() and not done.exception()
 
     def _translate(self, exc: BaseException, during_commit: bool = False) -> BaseException:
         age = time.monotonic() - self._started
@@ -801,7 +820,7 @@ class FDBTransaction(Transaction):
         self._db.watch_budget.reserve()
         native = self._tr.watch(self._prefix + key)
         registries = (self._db.watch_budget.live, self._db.watches)
-        watch = watch_from_native(key, native, registries, self._commit_translate)
+        watch = watch_from_native(key, native, registries, self._commit_translate, self._committed)
         self._watches.append(watch)
         return watch
 
@@ -820,7 +839,8 @@ class FDBTransaction(Transaction):
         for param, value in self._stamped:
             self._tr.set_versionstamped_key(param, value)
         try:
-            await bridge_future(self._tr.commit(), _void, self._commit_translate)
+            self._commit = bridge_future(self._tr.commit(), _void, self._commit_translate)
+            await self._commit
         except asyncio.CancelledError:
             self._end(CommitUnknownError("the commit was cancelled while in flight"))
             raise
