@@ -618,6 +618,23 @@ async def test_missing_libfdb_c_is_a_clear_error(url: str) -> None:
     assert isinstance(info.value, ImportError)  # what DGen raises for missing drivers
 
 
+def test_cluster_url_for_tests_gives_the_reason_when_unusable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    monkeypatch.delenv("FDB_CLUSTER_FILE", raising=False)
+    url, reason = cluster_url_for_tests()
+    assert url is None and "set FDB_CLUSTER_FILE" in reason
+    monkeypatch.setenv("FDB_CLUSTER_FILE", str(tmp_path / "absent.cluster"))
+    url, reason = cluster_url_for_tests()
+    assert url is None and "does not exist" in reason
+    if not libfdb_c_loads():
+        cluster = tmp_path / "fdb.cluster"
+        cluster.write_text("test:test@127.0.0.1:4500\n")
+        monkeypatch.setenv("FDB_CLUSTER_FILE", str(cluster))
+        url, reason = cluster_url_for_tests()
+        assert url is None and "libfdb_c" in reason
+
+
 # -- a live cluster, when one is reachable ---------------------------------------------------
 
 LIVE_URL, LIVE_SKIP_REASON = cluster_url_for_tests()

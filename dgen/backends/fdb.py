@@ -731,8 +731,11 @@ class FDBTransaction(Transaction):
     async def get(self, key: bytes) -> bytes | None:
         self._check_open()
         self._check_key(key)
-        self._count(2 * len(key) + 1)
-        return await self._wait(self._tr.get(self._prefix + key), _bytes_or_none)
+        stored = self._prefix + key
+        if stored >= _SYSTEM:
+            return None  # FoundationDB's system keyspace, where writes are refused
+        self._count(2 * len(stored) + 1)
+        return await self._wait(self._tr.get(stored), _bytes_or_none)
 
     async def get_range(
         self, begin: bytes, end: bytes, *, limit: int = 0, reverse: bool = False
