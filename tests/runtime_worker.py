@@ -7,7 +7,7 @@ SIGKILLed by the parent where a test needs a crash.
 Roles:
 - ``consumer``: run a consumer for one of the servers below until killed.
 - ``producer``: cast ``--count`` messages ``{"id": "<name>-<i>"}`` and print
-  ``ack <id>`` after each cast returns.
+  ``ack <id>`` after each cast returns, pausing up to ``--pause`` seconds.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import sys
 from typing import Any
 
@@ -25,12 +26,11 @@ class Ledger(dgen.DGenServer):
     """Records every message id applied, in order, and who applied it."""
 
     def init(self, arg: Any) -> Any:
-        return {"applied": [], "by": {}}
+        return {"applied": [], "pids": []}
 
     def handle_cast(self, message: Any, state: Any) -> Any:
         state["applied"].append(message["id"])
-        pid = str(os.getpid())
-        state["by"][pid] = state["by"].get(pid, 0) + 1
+        state["pids"].append(os.getpid())
         return dgen.NoReply(state)
 
     def handle_call(self, request: Any, caller: dgen.Caller, state: Any) -> Any:
@@ -73,6 +73,8 @@ async def produce(args: argparse.Namespace) -> None:
             message_id = f"{args.name}-{i}"
             await handle.cast({"id": message_id})
             print(f"ack {message_id}", flush=True)
+            if args.pause:
+                await asyncio.sleep(random.uniform(0, args.pause))
     print("done", flush=True)
 
 
@@ -86,6 +88,7 @@ def main() -> None:
     parser.add_argument("--lease", type=float, default=30.0)
     parser.add_argument("--name", default="p")
     parser.add_argument("--count", type=int, default=100)
+    parser.add_argument("--pause", type=float, default=0.0, help="max random pause between casts")
     args = parser.parse_args()
     asyncio.run(consume(args) if args.role == "consumer" else produce(args))
 
