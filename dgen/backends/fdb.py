@@ -62,7 +62,10 @@ from dgen.urls import URL, DriverMissingError, URLError
 
 __all__ = [
     "FDB_LIMITS",
+    "MAYBE_COMMITTED",
     "MIN_API_VERSION",
+    "RETRYABLE_NOT_COMMITTED",
+    "UNAVAILABLE",
     "CommitTimedOutError",
     "FDBDatabase",
     "FDBOptions",
@@ -72,13 +75,13 @@ __all__ = [
     "TransactionTimedOutError",
     "bridge_future",
     "choose_api_version",
+    "cluster_url_for_tests",
     "map_fdb_error",
     "open_database",
     "parse_fdb_url",
+    "translate_exception",
     "versionstamped_key_param",
     "watch_from_native",
-    "cluster_url_for_tests",
-    "translate_exception",
 ]
 
 T = TypeVar("T")
