@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from dgen import codec
+from dgen.layout import Flat, StateLayout, diff
 from dgen.queue import Message, TenantKeys, clear_message, read_blob, read_head, write_blob
 from dgen.server import Action, Caller, DGenServer, Lock, NoReply, Reply, Result, Stop
 from dgen.store import Database, Transaction, Watch
@@ -63,6 +64,10 @@ class ConsumerStats:
     """Attempts that used the cached state after reading only the version key."""
     state_reads: int = 0
     """Times the state was read from the store (start and cache misses)."""
+    state_keys_written: int = 0
+    """State keys set or cleared (only what changed is written)."""
+    state_bytes_written: int = 0
+    """Bytes of state keys and values written."""
     lock_waits: int = 0
     """Times this consumer found another consumer's live lock and waited."""
     lock_takeovers: int = 0
@@ -75,7 +80,8 @@ class ConsumerStats:
 class _Cached:
     token: bytes
     state: Any
-    encoded: bytes
+    flat: Flat
+    """The state as stored: its keys and values (see :mod:`dgen.layout`)."""
 
 
 @dataclass(slots=True)
@@ -164,6 +170,7 @@ class Consumer:
         self._cache: _Cached | None = None
         self._cache_dirty = False
         self._max_value = db.limits.max_value_size
+        self.layout = StateLayout(self.keys.state, self._max_value)
         self._next_gc = 0.0
 
     # -- transactions with cache invalidation ---------------------------------
@@ -205,23 +212,36 @@ class Consumer:
             if self._cache_dirty:
                 # A failed attempt may have mutated the cached object: rebuild it
                 # from the cached bytes, which still match the token.
-                cache = self._cache = _Cached(token, codec.decode(cache.encoded), cache.encoded)
+                state, _ = self.layout.rebuild(sorted(cache.flat.entries.items()))
+                cache = self._cache = _Cached(token, state, cache.flat)
                 self._cache_dirty = False
             return cache
-        data = await read_blob(tr, self.keys.state)
-        if data is None:
+        found, state, flat = await self.layout.read(tr)
+        if not found:
             raise codec.DecodeError(f"tenant {self.tenant!r} has a version key but no state")
         self.stats.state_reads += 1
-        return _Cached(token, codec.decode(data), data)
+        return _Cached(token, state, flat)
 
     def _write_state(self, tr: Transaction, state: Any, old: _Cached | None) -> _Cached:
-        encoded = codec.encode(state)
-        if old is not None and encoded == old.encoded:
-            return _Cached(old.token, state, encoded)
+        # Incremental: only the keys that differ from the stored layout are written.
+        try:
+            flat = self.layout.flatten(state, old.flat if old is not None else None)
+        except codec.UnencodableError as exc:
+            exc.add_note(f"dgen: in the new state of tenant {self.tenant!r}")
+            raise
+        if old is None:
+            tr.clear_range(*self.layout.range)  # init or reset: drop any previous state
+            changes = diff(None, flat)
+        else:
+            changes = diff(old.flat, flat)
+            if not changes.keys_touched:
+                return _Cached(old.token, state, flat)
+        changes.apply(tr)
+        self.stats.state_keys_written += changes.keys_touched
+        self.stats.state_bytes_written += changes.bytes_written
         token = uuid.uuid4().bytes
-        write_blob(tr, self.keys.state, encoded, self._max_value)
         tr.set(self.keys.version, token)
-        return _Cached(token, state, encoded)
+        return _Cached(token, state, flat)
 
     # -- start ------------------------------------------------------------------
 

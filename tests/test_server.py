@@ -18,6 +18,7 @@ import pytest
 
 import dgen
 from dgen import codec
+from dgen.layout import StateLayout
 from dgen.queue import TenantKeys, read_blob, write_blob
 from dgen.store import Database, Transaction
 
@@ -36,9 +37,11 @@ async def db(store_url: str) -> AsyncIterator[Database]:
 
 
 async def stored_state(db: Database, tenant: str) -> Any:
+    layout = StateLayout(TenantKeys(tenant).state, db.limits.max_value_size)
+
     async def read(tr: Transaction) -> Any:
-        data = await read_blob(tr, TenantKeys(tenant).state)
-        return None if data is None else codec.decode(data)
+        found, state, _ = await layout.read(tr)
+        return state if found else None
 
     return await db.run(read)
 
@@ -271,9 +274,10 @@ async def test_unencodable_state_from_a_handler_crashes_and_writes_nothing(db: D
     async with dgen.start(Store(), db, "enc", arg="ok") as server:
         await server.call("get")
     await dgen.handle(db, "enc").cast("keep a lock")
-    with pytest.raises(dgen.UnencodableError, match=r"lock at value\['lock'\]"):
+    with pytest.raises(dgen.UnencodableError, match=r"_thread\.lock") as info:
         async with dgen.start(Store(), db, "enc"):
             await asyncio.sleep(WAIT)
+    assert "new state of tenant 'enc'" in "".join(info.value.__notes__)
     assert await stored_state(db, "enc") == "ok"
     assert await queue_length(db, "enc") == 1
 
@@ -649,3 +653,43 @@ async def test_a_consumer_that_lost_its_lock_does_not_commit(
         await eventually(gave_up, "the consumer to discard its locked result")
         assert await is_locked(db, "fence")
         assert await stored_state(db, "fence") == ["locking 1"]
+
+
+# -- incremental state writes --------------------------------------------------------
+
+
+class Fields(dgen.DGenServer):
+    def init(self, arg: Any) -> Any:
+        return {f"field{i}": "x" * 100 for i in range(200)}
+
+    def handle_cast(self, message: Any, state: Any) -> Any:
+        name, value = message
+        state[name] = value
+        return dgen.NoReply(state)
+
+    def handle_call(self, request: Any, caller: dgen.Caller, state: Any) -> Any:
+        return dgen.Reply(state[request], state)
+
+
+async def test_a_one_field_change_writes_one_key_and_no_change_writes_none(
+    db: Database,
+) -> None:
+    keys = TenantKeys("fields")
+
+    async def token(tr: Transaction) -> bytes | None:
+        return await tr.get(keys.version)
+
+    async with dgen.start(Fields(), db, "fields", batch_size=1) as server:
+        before = server.stats.state_keys_written
+        version = await db.run(token)
+        await server.cast(("field7", "changed"))
+        assert await server.call("field7") == "changed"
+        assert server.stats.state_keys_written - before == 1
+        changed_version = await db.run(token)
+        assert changed_version != version
+        await server.cast(("field7", "changed"))  # same value: nothing to write
+        assert await server.call("field7") == "changed"
+        assert server.stats.state_keys_written - before == 1
+        assert await db.run(token) == changed_version
+    state = await stored_state(db, "fields")
+    assert state["field7"] == "changed" and len(state) == 200
