@@ -216,3 +216,18 @@ async def test_a_consumer_killed_inside_handle_locked_is_recovered_after_the_lea
         assert server.stats.lock_takeovers == 1
     assert Rescuer.runs == ["do it"]
     assert not await db.run(locked)
+
+
+def test_the_quickstart_demo_runs_and_the_count_matches() -> None:
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-m", "dgen", "demo", "--casts", "120", "--kill-at", "30", "--more", "20"],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SIGKILL child" in done.stdout
+    assert "final count 140 == acknowledged casts 140" in done.stdout
