@@ -435,19 +435,50 @@ class Consumer:
                 log.warning("lost the lock of tenant %r to another consumer", self.tenant)
                 return
 
+    @staticmethod
+    async def _stop_renewing(renewer: asyncio.Future[None]) -> None:
+        renewer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewer
+
+    async def _expire_lease(self) -> None:
+        async def expire(tr: Transaction) -> None:
+            raw = await read_blob(tr, self.keys.lock)
+            if raw is None:
+                return
+            record = _LockRecord.decode(raw)
+            if record.owner == self.owner:
+                record.deadline = 0.0
+                write_blob(tr, self.keys.lock, record.encode(), self._max_value)
+
+        try:
+            async with asyncio.timeout(5):
+                await self.db.run(expire)
+        except Exception:
+            log.warning(
+                "could not release the lock of tenant %r on stop; another consumer takes "
+                "it over after the lease",
+                self.tenant,
+                exc_info=True,
+            )
+
     async def _run_locked(self, record: _LockRecord, state: Any) -> Stop | None:
         message_id = record.stamp.hex()
         message = codec.decode(record.payload)
         renewer = asyncio.ensure_future(self._renew(record))
         try:
             result: Any = await _maybe_await(self.server.handle_locked(record.kind, message, state))
+        except asyncio.CancelledError:
+            # Stopped on purpose (its scope ended): give the lock up now, so another
+            # consumer takes over (and reruns handle_locked) without waiting a lease.
+            await self._stop_renewing(renewer)
+            await self._expire_lease()
+            raise
         except BaseException as exc:
+            await self._stop_renewing(renewer)
             exc.add_note(f"dgen: tenant {self.tenant!r}, handle_locked of message {message_id}")
             raise
-        finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+        await self._stop_renewing(renewer)
         allowed: tuple[type, ...] = (
             (Reply, NoReply, Stop)
             if record.kind == "call"

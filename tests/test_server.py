@@ -605,15 +605,16 @@ async def test_the_locked_result_survives_a_restart(db: Database) -> None:
     assert not await is_locked(db, "lkr")
 
 
-async def test_a_lock_of_a_dead_consumer_is_taken_over_after_the_lease(db: Database) -> None:
-    # The consumer is cancelled inside handle_locked: as if its process died.
-    # (The real-process version with SIGKILL is in test_server_processes.py.)
+async def test_a_consumer_stopped_inside_handle_locked_hands_the_lock_over(db: Database) -> None:
+    # The scope ends while handle_locked runs: the lease is ended at once, so the
+    # next consumer need not wait for it (60 s here, far beyond the call's 5 s).
+    # A consumer that dies instead (SIGKILL) is in test_server_processes.py.
     class Died(Exception):
         pass
 
     doomed = Gate()
     with pytest.raises(Died):
-        async with dgen.start(doomed, db, "lkd", lease=0.5) as server:
+        async with dgen.start(doomed, db, "lkd", lease=60) as server:
             await server.cast(("lock", 1))
             await server.cast("after")
             await asyncio.wait_for(doomed.entered.wait(), WAIT)
@@ -621,7 +622,7 @@ async def test_a_lock_of_a_dead_consumer_is_taken_over_after_the_lease(db: Datab
     assert await is_locked(db, "lkd")
     rescuer = Gate()
     rescuer.release.set()
-    async with dgen.start(rescuer, db, "lkd", lease=0.5) as server:
+    async with dgen.start(rescuer, db, "lkd", lease=60) as server:
         assert await server.call("get") == ["locking 1", "locked 1", "after"]
         assert server.stats.lock_takeovers == 1
     assert rescuer.locked_runs == 1
