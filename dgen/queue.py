@@ -9,7 +9,8 @@ Every key is tuple-packed under the tenant's prefix ``("dgen", tenant)``:
                           ``("q", stamp, i)``.
 ``("n",)``                push counter, bumped with atomic add on every
                           enqueue; idle consumers watch it.
-``("s",)``                the state (a blob, chunks ``("s", i)``).
+``("s", ...)``            the state, laid out field by field and item by
+                          item by :mod:`dgen.layout`.
 ``("v",)``                version token: 16 random bytes rewritten on every
                           state write; outside the state's key range, so it
                           is never read as part of the state.
@@ -24,8 +25,9 @@ holds ``b"\\x00" + data`` when that fits, else ``b"\\x01" + packed (chunks,
 size)`` with the data split over keys ``main + pack((i,))``, which sort
 right after the main key and inside its :func:`dgen.keys.range_of`.
 
-This module only reads and writes keys inside a caller's transaction; the
-consumer and the handles decide what a transaction contains.
+Queue items, lock records and replies are blobs. This module only reads and
+writes keys inside a caller's transaction; the consumer and the handles
+decide what a transaction contains.
 """
 
 from __future__ import annotations
