@@ -71,6 +71,8 @@ class Worker:
         try:
             raw = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
         except TimeoutError:
+            raw = None
+        if raw is None:  # outside the except block: no chained traceback
             pytest.fail(f"worker {self.mode!r} printed nothing for {timeout} s")
         if not raw:
             await self._finish()
@@ -94,9 +96,9 @@ class Worker:
     async def wait(self, within: float | None = None) -> None:
         """Wait for a clean exit; fail the test on a non-zero exit code."""
         timeout = within or wait_seconds()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.proc.wait(), timeout)
-        except TimeoutError:
+        if self.proc.returncode is None:
             pytest.fail(f"worker {self.mode!r} did not finish within {timeout} s")
         await self._stderr
         if self.proc.returncode != 0:
@@ -224,8 +226,10 @@ async def wait_fired(watch: Watch, what: str, within: float | None = None) -> No
     timeout = within or wait_seconds()
     try:
         await asyncio.wait_for(_awaited(watch), timeout)
+        return
     except TimeoutError:
-        pytest.fail(f"watch on {watch.key!r} never fired ({timeout} s hang guard): {what}")
+        pass
+    pytest.fail(f"watch on {watch.key!r} never fired ({timeout} s hang guard): {what}")
 
 
 async def _awaited(watch: Watch) -> None:
@@ -269,9 +273,12 @@ async def _run(check: AsyncCheck, url: str, requires: tuple[str, ...]) -> None:
                 f"{type(store.db).__name__} does not declare capability "
                 f"{', '.join(missing)} (dgen.store.Capabilities)"
             )
+        hung = False
         try:
             await asyncio.wait_for(check(store), TEST_TIMEOUT)
         except TimeoutError:
+            hung = True
+        if hung:
             pytest.fail(f"the test hung for more than {TEST_TIMEOUT} s (hang guard)")
         failed = False
     finally:
