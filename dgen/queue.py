@@ -122,11 +122,6 @@ async def _join(tr: Transaction, key: bytes, head: bytes) -> bytes:
     return data
 
 
-def is_blob(value: bytes) -> bool:
-    """Whether a reply slot's value is a written reply (not the pending marker)."""
-    return bool(value)
-
-
 # -- the queue -----------------------------------------------------------------
 
 

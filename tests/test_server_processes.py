@@ -120,7 +120,9 @@ async def test_chaos_three_producers_two_consumers_killed_at_random(
     store_url: str, db: Database, procs: list[Proc]
 ) -> None:
     tenant = "chaos"
-    rng = random.Random(os.environ.get("DGEN_CHAOS_SEED", str(time.time_ns())))
+    seed = os.environ.get("DGEN_CHAOS_SEED", str(time.time_ns()))
+    print(f"chaos seed {seed} (replay with DGEN_CHAOS_SEED={seed})")
+    rng = random.Random(seed)
     per_producer = 300
     consumer_args = ("consumer", store_url, tenant, "--server", "ledger", "--batch", "4")
     consumers = [await start_worker(procs, *consumer_args) for _ in range(2)]
