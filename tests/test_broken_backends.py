@@ -12,6 +12,7 @@ bug on their own.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +92,19 @@ def test_suite_fails_on_broken_backend(scheme: str, monkeypatch: pytest.MonkeyPa
     for name, reason in must_fail.items():
         assert reason in result.failed[name], f"{name} failed for another reason"
     assert must_pass <= set(result.passed), f"{scheme}: {result.failed.keys()}"
+
+
+def test_suite_catches_watches_that_miss_other_processes(tmp_path: Path) -> None:
+    """Real OS processes: SQLite with a one-hour watch poll interval notices
+    commits made through other connections (other processes included) only
+    when it polls, i.e. never within the test. The cross-process watch tests
+    must fail; the worker processes really commit (their lines are read)."""
+    url = f"sqlite:///{tmp_path / 'deaf.db'}?poll_interval=3600"
+    result = _run(url, "watch")
+    for name in (
+        "test_watch_fires_on_commit_from_another_process",
+        "test_watch_burst_from_another_process",
+    ):
+        assert name in result.failed, f"{name} passed although watches miss other processes"
+        assert "never fired" in result.failed[name]
+    assert "test_watch_does_not_fire_without_change" in result.passed
