@@ -123,7 +123,7 @@ async def test_chaos_three_producers_two_consumers_killed_at_random(
     seed = os.environ.get("DGEN_CHAOS_SEED", str(time.time_ns()))
     print(f"chaos seed {seed} (replay with DGEN_CHAOS_SEED={seed})")
     rng = random.Random(seed)
-    per_producer = 300
+    per_producer = 200
     consumer_args = ("consumer", store_url, tenant, "--server", "ledger", "--batch", "4")
     consumers = [await start_worker(procs, *consumer_args) for _ in range(2)]
     producers = [
@@ -136,7 +136,8 @@ async def test_chaos_three_producers_two_consumers_killed_at_random(
     ]
     kills = 0
     async with asyncio.timeout(WAIT * 2):
-        while not all("done" in p.lines for p in producers):
+        # Kill while the producers run, and at least 8 times in all (mid-backlog).
+        while kills < 8 or not all("done" in p.lines for p in producers):
             await asyncio.sleep(rng.uniform(0.02, 0.4))
             victim = rng.randrange(len(consumers))
             await consumers[victim].kill()
@@ -146,7 +147,6 @@ async def test_chaos_three_producers_two_consumers_killed_at_random(
             await p.finish()
     acked = [line.split()[1] for p in producers for line in p.lines if line.startswith("ack ")]
     assert len(acked) == 3 * per_producer
-    assert kills >= 5
 
     # FIFO: this call is consumed after every cast, so it sees all of them.
     state = await dgen.handle(db, tenant).call("get", timeout=WAIT)
