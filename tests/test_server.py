@@ -694,3 +694,17 @@ async def test_a_one_field_change_writes_one_key_and_no_change_writes_none(
         assert await db.run(token) == changed_version
     state = await stored_state(db, "fields")
     assert state["field7"] == "changed" and len(state) == 200
+
+
+async def test_stop_from_handle_locked_releases_the_lock_and_ends_the_consumer(
+    db: Database,
+) -> None:
+    class StopsWhenLocked(Gate):
+        async def handle_locked(self, kind: str, message: Any, state: Any) -> Any:
+            return dgen.Stop([*state, "stopped"], reason="locked stop", reply="last words")
+
+    async with dgen.start(StopsWhenLocked(), db, "lks") as server:
+        assert await server.call("please") == "last words"
+        assert await asyncio.wait_for(server.wait_stopped(), WAIT) == "locked stop"
+    assert not await is_locked(db, "lks")
+    assert await stored_state(db, "lks") == ["call locking", "stopped"]
