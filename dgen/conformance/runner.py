@@ -23,6 +23,7 @@ class Outcome:
     name: str
     status: str
     detail: str = ""
+    seconds: float = 0.0
 
 
 @dataclass
@@ -86,11 +87,13 @@ class _Recorder:
                 self.result.outcomes.append(Outcome(name, "skipped", reason))
                 self._say(f"SKIP  {name}  ({reason})")
             elif report.failed:
-                self.result.outcomes.append(Outcome(name, "failed", report.longreprtext))
-                self._say(f"FAIL  {name}")
+                self.result.outcomes.append(
+                    Outcome(name, "failed", report.longreprtext, report.duration)
+                )
+                self._say(f"FAIL  {name}  ({report.duration:.2f} s)")
             else:
-                self.result.outcomes.append(Outcome(name, "passed"))
-                self._say(f"PASS  {name}")
+                self.result.outcomes.append(Outcome(name, "passed", "", report.duration))
+                self._say(f"PASS  {name}  ({report.duration:.2f} s)")
         elif report.when == "teardown" and report.failed:
             self.result.outcomes.append(Outcome(name, "failed", report.longreprtext))
             self._say(f"FAIL  {name} (teardown)")

@@ -182,10 +182,10 @@ async def _watch_until(db: Database, key: bytes, final: int, writer: str) -> int
 
 @conformance_test()
 async def test_watch_burst_never_misses_a_change(store: ConformanceStore) -> None:
-    """A writer task commits 200 adds, one per transaction, while a watcher
+    """A writer task commits 120 adds, one per transaction, while a watcher
     on another connection loops read, watch, wait: the watcher must reach
     the final value, never left asleep by a missed change."""
-    total = 200
+    total = 120
     key = store.key("w", "burst")
     db2 = await store.connect()
 
@@ -218,9 +218,9 @@ async def test_watch_fires_on_commit_from_another_process(store: ConformanceStor
 
 @conformance_test("watches_cross_process")
 async def test_watch_burst_from_another_process(store: ConformanceStore) -> None:
-    """Another OS process commits 200 adds while this one loops read, watch,
+    """Another OS process commits 120 adds while this one loops read, watch,
     wait: the watcher must reach the final value."""
-    total = 200
+    total = 120
     worker = await store.spawn("add", "burst", total)
     assert await worker.readline() == "ready"
     key = store.key("counter", "burst")
