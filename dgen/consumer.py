@@ -139,6 +139,13 @@ class _TakeOver:
     cache: _Cached
 
 
+class _SmallerBatch(Exception):
+    """A handler failed after others in the batch succeeded: retry with only those."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
 class Consumer:
     """Consumes one tenant's queue on one database. Use :func:`dgen.start` or
     :func:`dgen.serve` rather than this class directly."""
@@ -172,6 +179,7 @@ class Consumer:
         self._max_value = db.limits.max_value_size
         self.layout = StateLayout(self.keys.state, self._max_value)
         self._next_gc = 0.0
+        self._batch_limit: int | None = None
 
     # -- transactions with cache invalidation ---------------------------------
 
@@ -266,7 +274,12 @@ class Consumer:
             await self.initialise()
         while True:
             await self._collect_garbage()
-            outcome = await self._run(self._consume)
+            try:
+                outcome = await self._run(self._consume)
+            except _SmallerBatch as smaller:
+                self._batch_limit = smaller.size
+                continue
+            self._batch_limit = None
             if isinstance(outcome, _Wait):
                 self.stats.lock_waits += outcome.locked
                 await self._sleep(outcome)
@@ -305,7 +318,7 @@ class Consumer:
         current = await self._load_state(tr)
         if current is None:
             raise RuntimeError(f"tenant {self.tenant!r} has no state (was it deleted?)")
-        messages = await read_head(tr, self.keys, self.batch_size)
+        messages = await read_head(tr, self.keys, self._batch_limit or self.batch_size)
         if not messages:
             return _Wait(tr.watch(self.keys.push))
         return await self._handle_batch(tr, current, messages)
@@ -325,7 +338,14 @@ class Consumer:
                 or (time_budget is not None and time.monotonic() - started > time_budget / 2)
             ):
                 break
-            result = await self._dispatch(message, state)
+            try:
+                result = await self._dispatch(message, state)
+            except Exception:
+                if done.messages:
+                    # Commit the messages before the failing one without it (the
+                    # handler may have half-mutated the state): retry a smaller batch.
+                    raise _SmallerBatch(done.messages) from None
+                raise
             state = result.state
             clear_message(tr, self.keys, message.stamp)
             done.messages += 1
@@ -353,8 +373,8 @@ class Consumer:
         return done
 
     async def _dispatch(self, message: Message, state: Any) -> Result:
-        payload = codec.decode(message.payload)
         try:
+            payload = codec.decode(message.payload)
             if message.kind == "call":
                 result: Any = await _maybe_await(
                     self.server.handle_call(payload, Caller(message.id), state)
