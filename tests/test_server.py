@@ -712,3 +712,13 @@ async def test_stop_from_handle_locked_releases_the_lock_and_ends_the_consumer(
         assert await asyncio.wait_for(server.wait_stopped(), WAIT) == "locked stop"
     assert not await is_locked(db, "lks")
     assert await stored_state(db, "lks") == ["call locking", "stopped"]
+
+
+async def test_serve_runs_in_your_own_task_group_until_stop(db: Database) -> None:
+    async with asyncio.TaskGroup() as group:
+        consumer = group.create_task(dgen.serve(Counter(), db, "served", arg=1))
+        h = dgen.handle(db, "served")
+        await h.cast(2)
+        assert await h.call("value") == 3
+        await h.cast("stop")
+    assert consumer.result() == "cast stop"
