@@ -8,11 +8,15 @@ bug by the URL's scheme (see BROKEN).
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
+import time
 import weakref
 
 from dgen.backends.base import ADD, UNKNOWN
 from dgen.backends.memory import MemoryDatabase, MemoryStore, MemoryTransaction
+from dgen.backends.sqlite import SQLiteDatabase, SQLiteTransaction
+from dgen.backends.sqlite import open_database as open_sqlite
 from dgen.store import KeyValue, Watch
 from dgen.urls import URL
 
@@ -120,9 +124,7 @@ BROKEN: dict[str, type[MemoryTransaction]] = {
     "eagerwrite": EagerWriteTransaction,
 }
 
-_STORES: weakref.WeakValueDictionary[tuple[str, str], MemoryStore] = (
-    weakref.WeakValueDictionary()
-)
+_STORES: weakref.WeakValueDictionary[tuple[str, str], MemoryStore] = weakref.WeakValueDictionary()
 
 
 class BrokenDatabase(MemoryDatabase):
@@ -134,7 +136,40 @@ class BrokenDatabase(MemoryDatabase):
         return self.tr_class(self)
 
 
-async def open_database(url: URL) -> BrokenDatabase:
+class EarlyStampSQLiteTransaction(SQLiteTransaction):
+    """SQLite, but an ordered-commit key's stamp is the wall clock when the
+    key is set, not the commit counter: comparable across processes, and
+    wrong whenever a transaction that stamped earlier commits later."""
+
+    _early: bytes | None = None
+
+    def set_versionstamped_key(self, key: bytes, offset: int, value: bytes) -> None:
+        self._check_write(key, value)
+        self._early = time.time_ns().to_bytes(8, "big") + b"\x00\x00"
+        self.buffer.stamped.append((key[:offset] + self._early + key[offset + 10 :], -1, value))
+
+    async def _apply(self) -> bytes | None:
+        stamped, self.buffer.stamped = self.buffer.stamped, []
+        for key, _, value in stamped:
+            self.buffer.set(key, value)
+        stamp = await super()._apply()
+        return self._early or stamp
+
+
+class EarlyStampSQLiteDatabase(SQLiteDatabase):
+    def create_transaction(self) -> SQLiteTransaction:
+        super().create_transaction()  # raises if closed
+        return EarlyStampSQLiteTransaction(self)
+
+
+SCHEMES = [*BROKEN, "earlysqlite"]
+
+
+async def open_database(url: URL) -> MemoryDatabase | SQLiteDatabase:
+    if url.scheme == "earlysqlite":
+        db = await open_sqlite(dataclasses.replace(url, scheme="sqlite"))
+        db.__class__ = EarlyStampSQLiteDatabase
+        return db
     tr_class = BROKEN[url.scheme]
     name = (url.scheme, url.host or url.path.strip("/"))
     store = _STORES.get(name)

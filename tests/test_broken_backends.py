@@ -108,3 +108,23 @@ def test_suite_catches_watches_that_miss_other_processes(tmp_path: Path) -> None
         assert name in result.failed, f"{name} passed although watches miss other processes"
         assert "never fired" in result.failed[name]
     assert "test_watch_does_not_fire_without_change" in result.passed
+
+
+def test_suite_catches_stamps_assigned_before_commit_across_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real OS processes: SQLite whose ordered-commit keys are stamped with
+    the wall clock when set, before commit. Three worker processes and a
+    task append while this process tails; the monotonic-visibility test must
+    see a key appear behind one it already read."""
+    monkeypatch.setitem(dgen.urls._BUILTIN, "earlysqlite", ("conformance_broken", None))
+    monkeypatch.setenv("DGEN_CONFORMANCE_WORKER_IMPORTS", "conformance_broken_register")
+    result = _run(
+        f"earlysqlite:///{tmp_path / 'early.db'}", "several_processes or stamps_follow_commit_order"
+    )
+    assert set(result.failed) == {
+        "test_monotonic_visibility_several_processes",
+        "test_stamps_follow_commit_order",
+    }, result.failed
+    report = result.failed["test_monotonic_visibility_several_processes"]
+    assert "monotonic visibility violated" in report

@@ -7,6 +7,11 @@ line per event, flushed at once. Modes that take part in a race print
 ``ready`` and wait for a ``go`` line on stdin, so that several workers start
 writing together.
 
+Before connecting it imports the modules named, comma-separated, in
+``DGEN_CONFORMANCE_WORKER_IMPORTS``: a test harness that registers a backend
+at run time (not through the ``dgen.backends`` entry point) registers it in
+the workers that way.
+
 Modes:
 
 ``append WRITER TXS PER_TX``
@@ -29,6 +34,8 @@ Modes:
 from __future__ import annotations
 
 import asyncio
+import importlib
+import os
 import random
 import sys
 
@@ -132,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) < 3:
         raise SystemExit("usage: python -m dgen.conformance.worker URL PREFIX_HEX MODE [ARGS...]")
+    for name in os.environ.get("DGEN_CONFORMANCE_WORKER_IMPORTS", "").split(","):
+        if name.strip():
+            importlib.import_module(name.strip())
     asyncio.run(_main(argv))
 
 
