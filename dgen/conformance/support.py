@@ -283,7 +283,7 @@ async def _run(check: AsyncCheck, url: str, requires: tuple[str, ...]) -> None:
         failed = False
     finally:
         try:
-            await store._teardown()
+            await asyncio.wait_for(store._teardown(), TEST_TIMEOUT)
         except Exception:
             if not failed:
                 raise
