@@ -130,7 +130,7 @@ async def test_chaos_three_producers_two_consumers_killed_at_random(
     seed = os.environ.get("DGEN_CHAOS_SEED", str(time.time_ns()))
     print(f"chaos seed {seed} (replay with DGEN_CHAOS_SEED={seed})")
     rng = random.Random(seed)
-    per_producer = 200
+    per_producer = 120
     consumer_args = ("consumer", store_url, tenant, "--server", "ledger", "--batch", "4")
     consumers = [await start_worker(procs, *consumer_args) for _ in range(2)]
     producers = [
