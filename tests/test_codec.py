@@ -14,6 +14,8 @@ import types
 import uuid
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dgen import codec
 from dgen.codec import DecodeError, UnencodableError, decode, encode
@@ -209,3 +211,52 @@ def test_speed_of_a_typical_small_message_is_reported() -> None:
     elapsed = time.perf_counter() - start
     print(f"codec round trip of a small message: {n / elapsed:,.0f}/s")
     assert decode(encode(message)) == message
+
+
+# -- property: any value built from the supported types round-trips --------------
+
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text()
+    | st.binary()
+    | st.uuids()
+    | st.datetimes()
+    | st.dates()
+    | st.decimals(allow_nan=False, allow_infinity=False)
+)
+_hashable = st.recursive(_scalars, lambda inner: st.tuples(inner, inner), max_leaves=5)
+_values = st.recursive(
+    _scalars,
+    lambda inner: (
+        st.lists(inner, max_size=5)
+        | st.tuples(inner, inner)
+        | st.dictionaries(_hashable, inner, max_size=5)
+        | st.frozensets(_hashable, max_size=5)
+        | st.sets(_hashable, max_size=5)
+        | st.builds(Point, st.integers(), st.integers(), st.lists(st.text(), max_size=3))
+    ),
+    max_leaves=20,
+)
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal, and of the same type all the way down (1 == 1.0 == True is not enough)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(map(_same, a, b))  # type: ignore[arg-type]
+    if isinstance(a, dict):
+        assert isinstance(b, dict)
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+@settings(max_examples=300, deadline=None)
+@given(_values)
+def test_any_supported_value_round_trips(value: object) -> None:
+    back = decode(encode(value))
+    assert _same(back, value)
+    assert encode(back) == encode(value)
