@@ -10,6 +10,7 @@ whatever process the consumer runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Iterable
@@ -91,19 +92,31 @@ class Handle:
             return tr.watch(slot)
 
         watch = await self.db.run(send)
-        while True:
-            try:
-                async with asyncio.timeout(max(give_up - loop.time(), 0)):
-                    await watch
-            except TimeoutError:
-                return await self._give_up(slot, timeout)
-            finally:
-                watch.cancel()
-            outcome = await self.db.run(lambda tr: self._take_reply(tr, slot))
-            if isinstance(outcome, Watch):
-                watch = outcome  # spurious wake-up: wait again
-            else:
-                return codec.decode(outcome)
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(max(give_up - loop.time(), 0)):
+                        await watch
+                except TimeoutError:
+                    return await self._give_up(slot, timeout)
+                finally:
+                    watch.cancel()
+                outcome = await self.db.run(lambda tr: self._take_reply(tr, slot))
+                if isinstance(outcome, Watch):
+                    watch = outcome  # spurious wake-up: wait again
+                else:
+                    return codec.decode(outcome)
+        except asyncio.CancelledError:
+            # Best effort: remove our slot now; consumers collect it otherwise.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1):
+                    await self.db.run(lambda tr: self._remove(tr, slot))
+            raise
+
+    @staticmethod
+    async def _remove(tr: Transaction, slot: bytes) -> None:
+        tr.clear(slot)
+        tr.clear_range(slot + b"\x00", slot + b"\xff")
 
     async def _take_reply(self, tr: Transaction, slot: bytes) -> bytes | Watch:
         value = await tr.get(slot)

@@ -722,3 +722,17 @@ async def test_serve_runs_in_your_own_task_group_until_stop(db: Database) -> Non
         assert await h.call("value") == 3
         await h.cast("stop")
     assert consumer.result() == "cast stop"
+
+
+async def test_a_cancelled_call_removes_its_reply_slot(db: Database) -> None:
+    call = asyncio.ensure_future(dgen.handle(db, "cancel").call("value", timeout=WAIT))
+
+    async def slot_exists() -> bool:
+        return len(await reply_slots(db, "cancel")) == 1
+
+    await eventually(slot_exists, "the reply slot")
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert await reply_slots(db, "cancel") == []
+    assert await queue_length(db, "cancel") == 1  # the request itself stays queued
