@@ -59,7 +59,7 @@ class ConsumerStats:
     attempts: int = 0
     """Transaction attempts; ``attempts - transactions`` were retried or failed."""
     messages: int = 0
-    """Messages consumed."""
+    """Messages completed (a locked one when its handle_locked result commits)."""
     cache_hits: int = 0
     """Attempts that used the cached state after reading only the version key."""
     state_reads: int = 0
@@ -289,7 +289,8 @@ class Consumer:
                 stop = await self._run_locked(outcome.record, outcome.cache.state)
             else:
                 self._set_cache(outcome.cache)
-                self.stats.messages += outcome.messages
+                # A locked message counts once handle_locked's result commits.
+                self.stats.messages += outcome.messages - (outcome.locked is not None)
                 await self._run_actions(outcome.actions)
                 stop = outcome.stop
                 if outcome.locked is not None:

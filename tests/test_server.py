@@ -567,6 +567,7 @@ async def test_lock_via_cast_then_casts_during_the_lock_run_after_in_order(
         gate.release.set()
         assert await server.call("get") == ["locking 1", "locked 1", "a", "b", "c"]
         assert not await is_locked(db, "lk")
+        assert server.stats.messages == 5  # the locked cast, a, b, c and the call
 
 
 async def test_lock_via_call_replies_with_the_locked_result(db: Database) -> None:
