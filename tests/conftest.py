@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,11 +19,34 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[object]:
+    """A PostgreSQL server for the whole session (tests/pgserver.py: explicit
+    DGEN_TEST_POSTGRES_URL, else a throwaway initdb cluster, else Docker).
+    Skips when there is none, but fails under CI=true."""
+    from pgserver import NoServer, start_server
+
+    try:
+        server = start_server()
+    except NoServer as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true: the PostgreSQL tests must run, but {exc}", pytrace=False)
+        pytest.skip(str(exc))
+    yield server
+    server.close()
+
+
 def make_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
     if backend == "memory":
         return f"memory://{uuid.uuid4().hex}"
     if backend == "sqlite":
         return f"sqlite:///{tmp_path / 'store.db'}"
+    if backend == "postgresql":
+        from pgserver import drop_schema, fresh_schema_url
+
+        url = fresh_schema_url(request.getfixturevalue("postgres_server").url)
+        request.addfinalizer(lambda: drop_schema(url))
+        return url
     raise AssertionError(f"no URL factory for backend {backend!r}")
 
 

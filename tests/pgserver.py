@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -200,3 +201,34 @@ def start_server() -> Server:
         + "; ".join(reasons)
         + ". Set DGEN_TEST_POSTGRES_URL or install PostgreSQL."
     )
+
+
+def schema_url(base: str, schema: str) -> str:
+    """``base`` with ``schema=`` set: one schema per test keeps stores apart."""
+    return f"{base}{'&' if '?' in base else '?'}schema={schema}"
+
+
+def fresh_schema_url(base: str) -> str:
+    return schema_url(base, f"t_{uuid.uuid4().hex[:16]}")
+
+
+def drop_schema(url: str) -> None:
+    """Best-effort cleanup of a test's schema (matters on a shared server)."""
+    import psycopg
+
+    from dgen.backends.postgres import _parse
+    from dgen.urls import URL
+
+    conninfo, schema, *_ = _parse(URL.parse(url))
+    try:
+        with psycopg.connect(conninfo, autocommit=True, connect_timeout=5) as conn:
+            conn.execute("SET lock_timeout = '5s'")
+            conn.execute(sql_drop(schema))
+    except psycopg.Error:
+        pass
+
+
+def sql_drop(schema: str) -> bytes:
+    from psycopg import sql
+
+    return sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)).as_bytes()

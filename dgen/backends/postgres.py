@@ -123,8 +123,18 @@ def _errors(url: URL, *, committing: bool = False) -> Iterator[None]:
 _DDL = """
 CREATE TABLE IF NOT EXISTS {s}.dgen_meta (name text PRIMARY KEY, value text NOT NULL);
 CREATE TABLE IF NOT EXISTS {s}.dgen_kv (key bytea PRIMARY KEY, value bytea NOT NULL);
-CREATE TABLE IF NOT EXISTS {s}.dgen_stamps (prefix bytea PRIMARY KEY);
-CREATE SEQUENCE IF NOT EXISTS {s}.dgen_stamp_seq;
+CREATE TABLE IF NOT EXISTS {s}.dgen_clock (
+    id int PRIMARY KEY CHECK (id = 1),
+    version bigint NOT NULL,
+    pruned bigint NOT NULL
+);
+INSERT INTO {s}.dgen_clock VALUES (1, 0, 0) ON CONFLICT DO NOTHING;
+CREATE TABLE IF NOT EXISTS {s}.dgen_log (
+    version bigint NOT NULL,
+    rbegin bytea NOT NULL,
+    rend bytea NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dgen_log_version ON {s}.dgen_log (version);
 CREATE OR REPLACE FUNCTION {s}.dgen_add(old bytea, delta numeric) RETURNS bytea
 LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
@@ -147,6 +157,11 @@ END $$;
 INSERT INTO {s}.dgen_meta VALUES ('schema_version', '1') ON CONFLICT DO NOTHING;
 """
 
+LOG_WINDOW = 100_000
+"""Commits the conflict log remembers. A transaction that stays open while
+more commits than this land gets a ConflictError (FDB: transaction_too_old)."""
+_PRUNE_EVERY = 1024
+
 
 class _SQL:
     """The statements, with the schema name quoted in once."""
@@ -159,6 +174,25 @@ class _SQL:
 
         self.ddl = q(_DDL)
         self.version = q("SELECT value FROM {s}.dgen_meta WHERE name = 'schema_version'")
+        # One round trip: a snapshot and the commit version it reflects.
+        self.begin_read = q(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; "
+            "SELECT version, pruned FROM {s}.dgen_clock"
+        )
+        # The clock row's lock serializes committers of this store until COMMIT.
+        self.begin_write = q(
+            "BEGIN ISOLATION LEVEL READ COMMITTED; "
+            "UPDATE {s}.dgen_clock SET version = version + 1 RETURNING version, pruned"
+        )
+        self.begin_write_after_read = "ROLLBACK; " + self.begin_write
+        self.validate = q(
+            "SELECT 1 FROM {s}.dgen_log AS l "
+            "JOIN unnest(%s::bytea[], %s::bytea[]) AS r(b, e) ON l.rbegin < r.e AND l.rend > r.b "
+            "WHERE l.version > %s LIMIT 1"
+        )
+        self.log = q("INSERT INTO {s}.dgen_log VALUES (%s, %s, %s)")
+        self.prune_log = q("DELETE FROM {s}.dgen_log WHERE version <= %s")
+        self.prune_mark = q("UPDATE {s}.dgen_clock SET pruned = %s")
         self.get = q("SELECT value FROM {s}.dgen_kv WHERE key = %s")
         self.get_many = q("SELECT key, value FROM {s}.dgen_kv WHERE key = ANY(%s)")
         rng = "SELECT key, value FROM {s}.dgen_kv WHERE key >= %s AND key < %s ORDER BY key"
@@ -176,16 +210,32 @@ class _SQL:
             "INSERT INTO {s}.dgen_kv VALUES (%s, {s}.dgen_add(NULL, %s)) "
             "ON CONFLICT (key) DO UPDATE SET value = {s}.dgen_add({s}.dgen_kv.value, %s)"
         )
-        # Lock (never update) each prefix's row: a concurrent writer of the
-        # same prefix waits for our commit instead of failing with 40001.
-        self.lock_prefixes = q(
-            "INSERT INTO {s}.dgen_stamps SELECT p FROM unnest(%s::bytea[]) AS p ORDER BY p "
-            "ON CONFLICT (prefix) DO UPDATE SET prefix = EXCLUDED.prefix WHERE false"
-        )
-        self.next_stamp = q("SELECT nextval('{s}.dgen_stamp_seq')")
+
+
+def _merge(ranges: Iterable[tuple[bytes, bytes]]) -> tuple[list[bytes], list[bytes]]:
+    begins: list[bytes] = []
+    ends: list[bytes] = []
+    for b, e in sorted(ranges):
+        if ends and b <= ends[-1]:
+            ends[-1] = max(ends[-1], e)
+        else:
+            begins.append(b)
+            ends.append(e)
+    return begins, ends
 
 
 # -- transactions -------------------------------------------------------------
+
+
+async def _last_row(conn: psycopg.AsyncConnection[Any], statements: str) -> tuple[int, int]:
+    """Run several statements in one round trip; the last one's first row."""
+    cur = await conn.execute(statements)
+    while cur.description is None:
+        if not cur.nextset():
+            raise AssertionError(f"no rows from {statements!r}")
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
 
 
 async def _execute_many(
@@ -196,37 +246,47 @@ async def _execute_many(
 
 
 class PostgresTransaction(BufferedTransaction):
+    """Reads on a REPEATABLE READ snapshot; at commit, a READ COMMITTED
+    transaction that holds the store's clock row validates the read ranges
+    against the conflict log and applies the buffer (see docs/postgres.md)."""
+
     def __init__(self, db: PostgresDatabase) -> None:
         super().__init__(db.limits)
         self._db = db
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._open_tx = False
+        self._read_version = 0
 
-    async def _connection(self) -> psycopg.AsyncConnection[Any]:
-        """The transaction's connection, in a SERIALIZABLE transaction.
-
-        A pooled connection may have died with a server restart; nothing has
-        happened yet when BEGIN fails, so try a few fresh ones.
-        """
-        if self._conn is not None:
-            return self._conn
+    async def _checkout(self, statement: str) -> tuple[int, int]:
+        """Take a pooled connection and run ``statement`` (a BEGIN and a clock
+        query). A pooled connection may have died with a server restart;
+        nothing has happened yet when the first statement fails, so try
+        fresh ones."""
         db = self._db
         for attempt in range(db.pool_size + 1):
             with _errors(db.url):
                 conn: psycopg.AsyncConnection[Any] = await db.pool.getconn()
             try:
-                await conn.execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
+                versions = await _last_row(conn, statement)
             except psycopg.OperationalError as exc:
                 await db.pool.putconn(conn)
                 if attempt == db.pool_size or not conn.closed:
                     raise _map_error(exc, db.url) from exc
                 continue
-            except BaseException:
+            except BaseException as exc:
                 await db.pool.putconn(conn)
+                if isinstance(exc, psycopg.Error):
+                    raise _map_error(exc, db.url) from exc
                 raise
             self._conn, self._open_tx = conn, True
-            return conn
+            return versions
         raise AssertionError("unreachable")
+
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        if self._conn is None:
+            self._read_version, _ = await self._checkout(self._db.sql.begin_read)
+        assert self._conn is not None
+        return self._conn
 
     async def _read(self, key: bytes) -> bytes | None:
         conn = await self._connection()
@@ -253,18 +313,35 @@ class PostgresTransaction(BufferedTransaction):
     async def _apply(self) -> bytes | None:
         buf, q, db = self.buffer, self._db.sql, self._db
         if buf.is_empty():
-            if self._open_tx:  # a read-only transaction: COMMIT still validates it
-                await self._commit()
-            return None
-        conn = await self._connection()
-        stamp: bytes | None = None
-        written: list[bytes] = []
+            return None  # a snapshot read needs no validation (as in FoundationDB)
+        read = self._conn is not None
+        if read:
+            conn = self._conn
+            assert conn is not None
+            with _errors(db.url):
+                version, pruned = await _last_row(conn, q.begin_write_after_read)
+        else:
+            version, pruned = await self._checkout(q.begin_write)
+            conn = self._conn
+            assert conn is not None
+        stamp = version.to_bytes(8, "big") + b"\x00\x00"
+        written: list[tuple[bytes, bytes]] = list(buf.cleared)
         with _errors(db.url):
+            if read and self.read_ranges:
+                if self._read_version < pruned:
+                    raise ConflictError(
+                        f"the transaction stayed open while more than {LOG_WINDOW} "
+                        "commits landed; retry it"
+                    )
+                begins, ends = _merge(self.read_ranges)
+                cur = await conn.execute(q.validate, (begins, ends, self._read_version))
+                if await cur.fetchone() is not None:
+                    raise ConflictError("a key this transaction read was changed by another")
             if buf.cleared:
                 await _execute_many(conn, q.clear_range, buf.cleared)
             sets, clears, adds = [], [], []
             for key, op in buf.points.items():
-                written.append(key)
+                written.append((key, key + b"\x00"))
                 if op.kind == CLEAR:
                     clears.append((key,))
                 elif op.kind == ADD:
@@ -272,30 +349,21 @@ class PostgresTransaction(BufferedTransaction):
                     adds.append((key, delta, delta))
                 else:
                     sets.append((key, op.value))
+            for k, o, v in buf.stamped:
+                final = k[:o] + stamp + k[o + 10 :]
+                sets.append((final, v))
+                written.append((final, final + b"\x00"))
             for query, params in ((q.clear, clears), (q.set, sets), (q.add, adds)):
                 if params:
                     await _execute_many(conn, query, params)
-            if buf.stamped:
-                # Last, so the prefix locks are held only for the commit itself.
-                prefixes = sorted({key[:offset] for key, offset, _ in buf.stamped})
-                await conn.execute(q.lock_prefixes, (prefixes,))
-                stamp = await self._next_stamp(conn)
-                final = [(k[:o] + stamp + k[o + 10 :], v) for k, o, v in buf.stamped]
-                await _execute_many(conn, q.set, final)
-                written.extend(k for k, _ in final)
-            elif self._stamp is not None:
-                # Asked for the stamp of a commit without ordered-commit keys:
-                # still unique, and after every commit that ended before ours began.
-                stamp = await self._next_stamp(conn)
+            await _execute_many(conn, q.log, [(version, b, e) for b, e in written])
+            if version % _PRUNE_EVERY == 0 and version > LOG_WINDOW:
+                horizon = version - LOG_WINDOW
+                await conn.execute(q.prune_log, (horizon,))
+                await conn.execute(q.prune_mark, (horizon,))
         await self._commit()
-        db.watches.committed(written, whole=bool(buf.cleared))
-        return stamp if stamp is not None else b"\x00" * 10
-
-    async def _next_stamp(self, conn: psycopg.AsyncConnection[Any]) -> bytes:
-        cur = await conn.execute(self._db.sql.next_stamp)
-        row = await cur.fetchone()
-        assert row is not None
-        return int(row[0]).to_bytes(8, "big") + b"\x00\x00"
+        db.watches.committed([b for b, _ in written], whole=bool(buf.cleared))
+        return stamp
 
     async def _commit(self) -> None:
         assert self._conn is not None
@@ -342,6 +410,7 @@ class _Watches:
         self._tasks: list[asyncio.Task[None]] = []
         self._checks: set[asyncio.Task[None]] = set()
         self.reconnects = 0
+        self._stopping = False
 
     def start(self) -> None:
         self._tasks = [
@@ -350,11 +419,24 @@ class _Watches:
         ]
 
     async def stop(self) -> None:
-        for task in [*self._tasks, *self._checks]:
-            task.cancel()
-        for task in [*self._tasks, *self._checks]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        # Python 3.11's wait_for (used inside psycopg_pool) can swallow a
+        # cancellation, so do not trust one cancel: flag, cancel again, bound.
+        self._stopping = True
+        self._outbox_ready.set()
+        # The notifier sends what is pending, then ends: a process that
+        # commits and exits at once still wakes the others.
+        await asyncio.wait(self._tasks[1:], timeout=2.0)
+        tasks = [*self._tasks, *self._checks]
+        for _ in range(100):
+            pending = [t for t in tasks if not t.done()]
+            if not pending:
+                break
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=0.1)
+        for task in tasks:
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: a failed check was already logged
         error = UnavailableError("the database was closed")
         for entries in self.waiting.values():
             for watch, _ in entries:
@@ -424,21 +506,25 @@ class _Watches:
                 self.hashes.pop(_key_hash(key), None)
 
     async def _notify(self) -> None:
-        while True:
+        while not self._stopping:
             await self._outbox_ready.wait()
             self._outbox_ready.clear()
             batch, self._outbox = self._outbox, set()
-            payload = self.origin + " " + " ".join(sorted(batch))
-            try:
-                async with self.db.pool.connection() as conn:
-                    await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, payload))
-            except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
-                # Listeners that missed it reconnect (and fire) or poll.
-                log.debug("pg_notify failed: %s", _clean(exc, self.db.url))
+            if batch:
+                await self._send(batch)
+
+    async def _send(self, batch: set[str]) -> None:
+        payload = self.origin + " " + " ".join(sorted(batch))
+        try:
+            async with self.db.pool.connection() as conn:
+                await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, payload))
+        except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
+            # Listeners that missed it reconnect (and fire) or poll.
+            log.debug("pg_notify failed: %s", _clean(exc, self.db.url))
 
     async def _listen(self) -> None:
         delay, connected_once = 0.05, False
-        while True:
+        while not self._stopping:
             try:
                 conn = await psycopg.AsyncConnection.connect(self.db.conninfo, autocommit=True)
             except (psycopg.Error, OSError):
@@ -455,7 +541,7 @@ class _Watches:
                 else:
                     await self.check(None)  # watches registered before we listened
                 connected_once = True
-                while True:
+                while not self._stopping:
                     async for note in conn.notifies(timeout=self.poll_interval):
                         self._on_note(note.payload)
                     await self.check(None)

@@ -1,0 +1,487 @@
+"""The PostgreSQL backend against a real server (see tests/pgserver.py).
+
+What the conformance suite cannot check from outside: URL handling and error
+messages, the tables it creates, SQLSTATE mapping with errors provoked on the
+server, commit-outcome-unknown, ordered stamps from several processes, and the
+watch safety nets (listener reconnect, fallback poll).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import pytest
+from pgserver import (
+    PASSWORD,
+    Server,
+    drop_schema,
+    fresh_schema_url,
+    schema_url,
+    start_cluster,
+)
+
+import dgen
+from dgen.backends import postgres
+from dgen.keys import Versionstamp, pack_with_versionstamp, range_of
+from dgen.store import (
+    CommitUnknownError,
+    ConflictError,
+    Transaction,
+    UnavailableError,
+    decode_counter,
+)
+from dgen.urls import URL, URLError
+
+pytestmark = pytest.mark.anyio
+
+WAIT = 30.0  # hang guard only
+
+
+@pytest.fixture
+def server(postgres_server: Server) -> Server:
+    return postgres_server
+
+
+@pytest.fixture
+def url(server: Server) -> AsyncIterator[str]:
+    u = fresh_schema_url(server.url)
+    yield u
+    drop_schema(u)
+
+
+def _conninfo(url: str) -> str:
+    return postgres._parse(URL.parse(url))[0]
+
+
+def _schema(url: str) -> str:
+    return postgres._parse(URL.parse(url))[1]
+
+
+# -- URLs and connection errors ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("query", "fragment"),
+    [
+        ("pool_sise=3", "unknown option(s) pool_sise"),
+        ("pool_size=0", "pool_size"),
+        ("pool_size=many", "pool_size"),
+        ("synchronous_commit=sometimes", "synchronous_commit"),
+        ("schema=" + "x" * 64, "schema"),
+        ("watch_poll_interval=-1", "watch_poll_interval"),
+    ],
+)
+async def test_bad_options_are_refused(query: str, fragment: str) -> None:
+    with pytest.raises(URLError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        await dgen.connect(f"postgresql://u:{PASSWORD}@localhost/db?{query}")
+
+
+async def test_unknown_option_message_lists_the_known_ones() -> None:
+    with pytest.raises(URLError) as info:
+        await dgen.connect(f"postgresql://u:{PASSWORD}@localhost/db?colour=red")
+    message = str(info.value)
+    assert "pool_size" in message and "synchronous_commit" in message
+    assert PASSWORD not in message
+
+
+async def test_unreachable_server_is_unavailable_without_password(tmp_path: Any) -> None:
+    # A socket directory where no server listens.
+    target = f"postgresql://someone:{PASSWORD}@/db?host={tmp_path}&connect_timeout=2"
+    with pytest.raises(UnavailableError) as info:
+        await dgen.connect(target)
+    message = str(info.value)
+    assert PASSWORD not in message and PASSWORD not in repr(info.value)
+    assert str(tmp_path) in message  # says where it tried
+
+
+async def test_wrong_password_is_unavailable_without_password(server: Server) -> None:
+    if server.cluster is None:
+        pytest.skip("needs the throwaway cluster's password role (explicit server URL given)")
+    wrong = "Wrong-Pw-" + PASSWORD[::-1]
+    with pytest.raises(UnavailableError) as info:
+        await dgen.connect(schema_url(server.cluster.password_url(wrong), "pwtest"))
+    message = str(info.value)
+    assert "password authentication failed" in message
+    assert wrong not in message and PASSWORD not in message and "***" in message
+    # The right password works, and the database's repr hides it too.
+    async with dgen.connect(schema_url(server.cluster.password_url(PASSWORD), "pwtest")) as db:
+        assert PASSWORD not in repr(db) and PASSWORD not in str(db.url)
+
+
+async def test_missing_database_is_unavailable(server: Server) -> None:
+    base = URL.parse(server.url)
+    missing = base.render(hide_password=False).replace(base.path, "/no_such_database_here", 1)
+    with pytest.raises(UnavailableError, match="no_such_database_here"):
+        await dgen.connect(missing)
+
+
+# -- schema -------------------------------------------------------------------
+
+
+async def test_schema_is_created_with_a_version(url: str) -> None:
+    async with dgen.connect(url) as db:
+        await db.run(_set(b"k", b"v"))
+    schema = _schema(url)
+    with psycopg.connect(_conninfo(url), autocommit=True) as conn:
+        tables = {
+            r[0]
+            for r in conn.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+                (schema,),
+            )
+        }
+        version = conn.execute(
+            f'SELECT value FROM "{schema}".dgen_meta WHERE name = %s', ("schema_version",)
+        ).fetchone()
+        stored = conn.execute(f'SELECT key, value FROM "{schema}".dgen_kv').fetchall()
+    assert {"dgen_meta", "dgen_kv", "dgen_clock", "dgen_log"} <= tables
+    assert version == (str(postgres.SCHEMA_VERSION),)
+    assert stored == [(b"k", b"v")]
+
+
+async def test_concurrent_first_opens_all_succeed(url: str) -> None:
+    dbs = await asyncio.gather(*(dgen.connect(url) for _ in range(6)))
+    try:
+        await asyncio.gather(*(db.run(_add(b"n", 1)) for db in dbs))
+        assert decode_counter(await dbs[0].run(_get(b"n"))) == 6
+    finally:
+        await asyncio.gather(*(db.aclose() for db in dbs))
+
+
+async def test_newer_schema_version_is_refused(url: str) -> None:
+    async with dgen.connect(url):
+        pass
+    with psycopg.connect(_conninfo(url), autocommit=True) as conn:
+        conn.execute(f"UPDATE \"{_schema(url)}\".dgen_meta SET value = '99'")
+    with pytest.raises(UnavailableError, match="newer"):
+        await dgen.connect(url)
+
+
+async def test_options_reach_the_server(url: str) -> None:
+    async with dgen.connect(url + "&pool_size=3&synchronous_commit=off") as db:
+        assert isinstance(db, postgres.PostgresDatabase)
+        assert db.pool.max_size == 3
+        async with db.pool.connection() as conn:
+            cur = await conn.execute("SHOW synchronous_commit")
+            assert await cur.fetchone() == ("off",)
+
+
+# -- conflicts and errors -------------------------------------------------------
+
+
+def _set(key: bytes, value: bytes) -> Any:
+    async def fn(tr: Transaction) -> None:
+        tr.set(key, value)
+
+    return fn
+
+
+def _add(key: bytes, delta: int) -> Any:
+    async def fn(tr: Transaction) -> None:
+        tr.add(key, delta)
+
+    return fn
+
+
+def _get(key: bytes) -> Any:
+    async def fn(tr: Transaction) -> bytes | None:
+        return await tr.get(key)
+
+    return fn
+
+
+async def test_read_then_concurrent_write_conflicts(url: str) -> None:
+    async with dgen.connect(url) as db, dgen.connect(url) as db2:
+        await db.run(_set(b"x", b"0"))
+        tr = db.create_transaction()
+        assert await tr.get(b"x") == b"0"
+        await db2.run(_set(b"x", b"1"))
+        tr.set(b"y", b"derived from x=0")
+        with pytest.raises(ConflictError):
+            await tr.commit()
+        assert await db.run(_get(b"y")) is None
+
+
+def _two_sessions(conninfo: str) -> tuple[psycopg.Connection[Any], psycopg.Connection[Any]]:
+    return (
+        psycopg.connect(conninfo, autocommit=True),
+        psycopg.connect(conninfo, autocommit=True),
+    )
+
+
+async def test_sqlstate_40001_and_40p01_map_to_conflict(url: str) -> None:
+    """Errors provoked on the server, mapped by the adapter's one function."""
+    async with dgen.connect(url):
+        pass
+    conninfo, table = _conninfo(url), f'"{_schema(url)}".dgen_kv'
+    a, b = _two_sessions(conninfo)
+    try:
+        a.execute(f"INSERT INTO {table} VALUES ('a', 'x'), ('b', 'x')")
+        # 40001: a SERIALIZABLE write skew.
+        for conn in (a, b):
+            conn.execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
+            conn.execute(f"SELECT count(*) FROM {table}")
+        a.execute(f"UPDATE {table} SET value = 'a' WHERE key = 'a'")
+        b.execute(f"UPDATE {table} SET value = 'b' WHERE key = 'b'")
+        a.execute("COMMIT")
+        with pytest.raises(psycopg.errors.SerializationFailure) as skew:
+            b.execute("COMMIT")
+        b.execute("ROLLBACK")
+        # 40P01: two sessions lock two rows in opposite orders.
+        for conn in (a, b):
+            conn.execute("BEGIN")
+        a.execute(f"UPDATE {table} SET value = '1' WHERE key = 'a'")
+        b.execute(f"UPDATE {table} SET value = '2' WHERE key = 'b'")
+        errors: list[BaseException] = []
+
+        def cross(conn: psycopg.Connection[Any], key: str) -> None:
+            try:
+                conn.execute(f"UPDATE {table} SET value = '3' WHERE key = %s", (key,))
+            except psycopg.Error as exc:
+                errors.append(exc)
+
+        threads = [
+            threading.Thread(target=cross, args=(a, "b")),
+            threading.Thread(target=cross, args=(b, "a")),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT)
+        a.execute("ROLLBACK")
+        b.execute("ROLLBACK")
+    finally:
+        a.close()
+        b.close()
+    deadlocks = [e for e in errors if isinstance(e, psycopg.errors.DeadlockDetected)]
+    assert len(deadlocks) == 1, errors
+    parsed = URL.parse(url)
+    for native in (skew.value, deadlocks[0]):
+        mapped = postgres._map_error(native, parsed)
+        assert isinstance(mapped, ConflictError) and mapped.retryable, (native, mapped)
+
+
+async def test_connection_lost_during_commit_is_commit_unknown(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with dgen.connect(url) as db:
+        assert isinstance(db, postgres.PostgresDatabase)
+        original = postgres.PostgresTransaction._commit
+
+        async def killed_commit(self: postgres.PostgresTransaction) -> None:
+            # Another session terminates ours just before COMMIT is sent.
+            assert self._conn is not None
+            pid = self._conn.info.backend_pid
+            with psycopg.connect(db.conninfo, autocommit=True) as killer:
+                killer.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            await original(self)
+
+        monkeypatch.setattr(postgres.PostgresTransaction, "_commit", killed_commit)
+        tr = db.create_transaction()
+        tr.set(b"k", b"v")
+        with pytest.raises(CommitUnknownError, match="may or may not"):
+            await tr.commit()
+        monkeypatch.setattr(postgres.PostgresTransaction, "_commit", original)
+        # The pool drops the dead connection; the next transaction works.
+        await db.run(_set(b"k2", b"v2"))
+        assert await db.run(_get(b"k")) is None  # COMMIT never reached the server
+        assert await db.run(_get(b"k2")) == b"v2"
+
+
+async def test_server_restart_gives_clear_errors_then_recovers() -> None:
+    cluster = await asyncio.to_thread(start_cluster)
+    try:
+        url = schema_url(cluster.url, "restart") + "&connect_timeout=2"
+        async with dgen.connect(url) as db:
+            await db.run(_set(b"k", b"before"))
+            await asyncio.to_thread(cluster.stop, "immediate")
+            with pytest.raises(UnavailableError) as info:
+                await db.run(_set(b"k", b"during"))
+            assert "unavailable" in str(info.value) or "no connection" in str(info.value)
+            await asyncio.to_thread(cluster.start)
+            for _ in range(100):  # the pool reconnects in the background
+                try:
+                    await db.run(_set(b"k", b"after"))
+                    break
+                except UnavailableError:
+                    await asyncio.sleep(0.1)
+            assert await db.run(_get(b"k")) == b"after"
+    finally:
+        await asyncio.to_thread(cluster.destroy)
+
+
+# -- ordered-commit keys ----------------------------------------------------------
+
+_STAMP_WRITER = """
+import asyncio, sys
+import dgen
+from dgen.keys import Versionstamp, pack_with_versionstamp
+
+async def main(url, name, count):
+    async with dgen.connect(url) as db:
+        for i in range(count):
+            async def push(tr, i=i):
+                key, offset = pack_with_versionstamp(("q", Versionstamp(), name, i))
+                tr.set_versionstamped_key(key, offset, b"")
+                tr.add(b"pushed", 1)
+            await db.run(push)
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+async def test_stamps_from_several_processes_are_ordered_and_never_appear_behind(
+    url: str,
+) -> None:
+    """Writers in three processes push stamped keys under one prefix while a
+    tailing reader checks that no key ever shows up behind one it already saw;
+    at the end every process's keys are in its own push order."""
+    writers, count = 3, 60
+    async with dgen.connect(url) as db:
+        await db.run(_set(b"start", b""))
+        procs = [
+            await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _STAMP_WRITER, url, f"w{n}", str(count)
+            )
+            for n in range(writers)
+        ]
+        begin, end = range_of(("q",))
+        seen: list[bytes] = []
+        violations: list[str] = []
+
+        async def tail() -> None:
+            async def read(tr: Transaction) -> list[bytes]:
+                return [k for k, _ in await tr.get_range(begin, end)]
+
+            while True:
+                keys = await db.run(read)
+                if keys[: len(seen)] != seen:
+                    violations.append(
+                        f"a key appeared behind one already read: {keys[: len(seen)]!r}"
+                    )
+                seen[:] = keys
+                if len(keys) == writers * count:
+                    return
+                await asyncio.sleep(0.005)
+
+        await asyncio.wait_for(tail(), 90)
+        codes = [await p.wait() for p in procs]
+    assert codes == [0] * writers
+    assert not violations, violations[0]
+    by_writer: dict[str, list[int]] = {}
+    stamps = []
+    for key in seen:
+        _, stamp, name, i = dgen.keys.unpack(key)
+        assert isinstance(stamp, Versionstamp)
+        stamps.append(stamp.tr_version)
+        by_writer.setdefault(str(name), []).append(int(i))  # type: ignore[arg-type]
+    assert len(set(stamps)) == len(stamps), "one commit, one stamp"
+    assert by_writer == {f"w{n}": list(range(count)) for n in range(writers)}
+
+
+async def test_stamp_is_readable_after_commit_and_follows_real_time(url: str) -> None:
+    async with dgen.connect(url) as db:
+        stamps = []
+        for _ in range(3):
+
+            async def fn(tr: Transaction) -> Any:
+                key, offset = pack_with_versionstamp(("s", Versionstamp()))
+                tr.set_versionstamped_key(key, offset, b"v")
+                return tr.get_versionstamp()
+
+            stamps.append(await (await db.run(fn)))
+        assert stamps == sorted(stamps) and len(set(stamps)) == 3
+        rows = await db.run(lambda tr: tr.get_range(*range_of(("s",))))
+        assert [dgen.keys.unpack(k)[1].tr_version for k, _ in rows] == stamps  # type: ignore[union-attr]
+
+
+# -- watches ------------------------------------------------------------------------
+
+_SETTER = """
+import asyncio, sys
+import dgen
+
+async def main(url, key, value):
+    async with dgen.connect(url) as db:
+        async def fn(tr):
+            tr.set(key.encode(), value.encode())
+        await db.run(fn)
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def _watch(db: dgen.Database, key: bytes) -> dgen.Watch:
+    tr = db.create_transaction()
+    await tr.get(key)
+    watch = tr.watch(key)
+    await tr.commit()
+    return watch
+
+
+async def test_watch_fires_on_a_commit_from_another_process(url: str) -> None:
+    # A long poll interval: the notification, not the poll, must wake it.
+    async with dgen.connect(url + "&watch_poll_interval=600") as db:
+        await db.run(_set(b"w", b"0"))
+        watch = await _watch(db, b"w")
+        await asyncio.sleep(0.2)
+        assert not watch.done()
+        done = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-c", _SETTER, url, "w", "1"], timeout=WAIT
+        )
+        assert done.returncode == 0
+        await asyncio.wait_for(watch, WAIT)
+
+
+async def test_fallback_poll_catches_a_change_nobody_notified(url: str) -> None:
+    async with dgen.connect(url + "&watch_poll_interval=0.2") as db:
+        await db.run(_set(b"w", b"0"))
+        watch = await _watch(db, b"w")
+        # Written behind DGen's back: no pg_notify is sent.
+        with psycopg.connect(_conninfo(url), autocommit=True) as conn:
+            conn.execute(f"UPDATE \"{_schema(url)}\".dgen_kv SET value = '1' WHERE key = 'w'")
+        await asyncio.wait_for(watch, WAIT)
+
+
+async def test_every_watch_fires_after_the_listener_reconnects(url: str) -> None:
+    async with dgen.connect(url + "&watch_poll_interval=600") as db:
+        assert isinstance(db, postgres.PostgresDatabase)
+        await db.run(_set(b"a", b"0"))
+        watches = [await _watch(db, b"a"), await _watch(db, b"unchanged")]
+        for _ in range(100):  # the listener connects in the background
+            with psycopg.connect(db.conninfo, autocommit=True) as conn:
+                killed = conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE query LIKE 'LISTEN %%' AND application_name = 'dgen' "
+                    "AND query LIKE %s",
+                    (f"%{db.watches.channel}%",),
+                ).fetchall()
+            if killed:
+                break
+            await asyncio.sleep(0.05)
+        assert killed, "no listener connection found"
+        for watch in watches:
+            await asyncio.wait_for(watch, WAIT)  # nothing changed: spurious, never missed
+        assert db.watches.reconnects >= 1
+
+
+async def test_watches_fail_when_the_database_closes(url: str) -> None:
+    db = await dgen.connect(url)
+    watch = await _watch(db, b"never")
+    await db.aclose()
+    with pytest.raises(UnavailableError):
+        await watch
+
+
+async def test_local_commit_wakes_local_watch_and_counter_adds_commute(url: str) -> None:
+    async with dgen.connect(url + "&watch_poll_interval=600") as db:
+        watch = await _watch(db, b"n")
+        await asyncio.gather(*(db.run(_add(b"n", 1)) for _ in range(20)))
+        await asyncio.wait_for(watch, WAIT)
+        assert decode_counter(await db.run(_get(b"n"))) == 20
