@@ -129,6 +129,14 @@ def diff(old: Flat | None, new: Flat) -> Changes:
     return Changes(sets, clears)
 
 
+def _describe(path: Path) -> str:
+    """A path as the user wrote it: ``state['rooms'][id='r1']['log']``."""
+    out = "state"
+    for kind, name in zip(path[::2], path[1::2], strict=True):
+        out += f"[{name!r}]" if kind == "f" else f"[id={name!r}]"
+    return out
+
+
 def _item_id(item: Any) -> str | None:
     if type(item) is dict:
         ident = item.get("id")
@@ -190,7 +198,10 @@ class StateLayout:
                 flat.entries[self._key((*path, "o", indexes[ident]))] = ident.encode()
                 self._node((*path, "i", ident), item, flat, old)
         else:
-            data = codec.encode(value)
+            try:
+                data = codec.encode(value)
+            except codec.UnencodableError as exc:
+                raise codec.UnencodableError(f"in the state at {_describe(path)}: {exc}") from None
             for n, start in enumerate(range(0, max(len(data), 1), self.chunk_size)):
                 flat.entries[self._key((*path, "v", n))] = data[start : start + self.chunk_size]
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import dgen
 from dgen import keys
-from dgen.codec import DecodeError
+from dgen.codec import DecodeError, UnencodableError
 from dgen.layout import Flat, StateLayout, between, diff
 from dgen.store import Transaction
 
@@ -285,3 +285,9 @@ def test_read_back_equals_last_state_written(store_url: str, sequence: list[Any]
         # One file per example: hypothesis reuses the function-scoped fixture.
         store_url = store_url.replace("store.db", f"{uuid.uuid4().hex}.db")
     asyncio.run(write_and_read(store_url, sequence))
+
+
+def test_unencodable_value_is_located() -> None:
+    state = {"rooms": [{"id": "r1", "log": {"sock": object()}}]}
+    with pytest.raises(UnencodableError, match=r"state\['rooms'\]\[id='r1'\]\['log'\]\['sock'\]"):
+        layout().flatten(state)
