@@ -18,11 +18,20 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import fields
+from typing import TypeVar
 
 import pytest
 
 from dgen.keys import Element, pack, range_of
-from dgen.store import Capabilities, Database, KeyValue, Limits, Transaction, Watch
+from dgen.store import (
+    Capabilities,
+    ConflictError,
+    Database,
+    KeyValue,
+    Limits,
+    Transaction,
+    Watch,
+)
 from dgen.urls import connect
 
 __all__ = [
@@ -31,6 +40,7 @@ __all__ = [
     "Worker",
     "conformance_test",
     "read_prefix",
+    "rerun_on_conflict",
     "wait_seconds",
     "wait_fired",
 ]
@@ -51,6 +61,7 @@ PREFIX_ROOT = "dgen-conformance"
 
 _CAPABILITIES = {f.name for f in fields(Capabilities)}
 
+T = TypeVar("T")
 AsyncCheck = Callable[["ConformanceStore"], Awaitable[None]]
 
 
@@ -209,6 +220,24 @@ class ConformanceStore:
             await self.db.run(clear)
         finally:
             await self.close_all()
+
+
+async def rerun_on_conflict(scenario: Callable[[], Awaitable[T]], attempts: int = 5) -> T:
+    """Run a scenario that drives transactions by hand (not through
+    ``db.run``), rerunning it when it raises :class:`ConflictError`.
+
+    The store may be shared with other clients, and any transaction may
+    conflict with them, so one conflict proves nothing; a conflict on every
+    attempt is the scenario's own doing and is raised.
+    """
+    for attempt in range(attempts):
+        try:
+            return await scenario()
+        except ConflictError:
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(0.01 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 async def read_prefix(db: Database, begin: bytes, end: bytes) -> list[KeyValue]:

@@ -10,9 +10,15 @@ import uuid
 
 import pytest
 
-from dgen.conformance.support import ConformanceStore, conformance_test, read_prefix
+from dgen.conformance.support import (
+    ConformanceStore,
+    conformance_test,
+    read_prefix,
+    rerun_on_conflict,
+)
 from dgen.keys import Element, unpack
 from dgen.store import (
+    ConflictError,
     KeyTooLargeError,
     KeyValue,
     StoreError,
@@ -205,7 +211,7 @@ def _counter_add(old: bytes | None, delta: int) -> bytes:
     return encode_counter(decode_counter(old) + delta)
 
 
-async def _write_during_read(store: ConformanceStore, seed: int) -> None:
+async def _write_during_read(store: ConformanceStore, seed: int) -> int:
     rng = random.Random(seed)
     plain = [store.key("wdr", seed, "p", i) for i in range(8)]
     counters = [store.key("wdr", seed, "c", i) for i in range(4)]
@@ -213,6 +219,7 @@ async def _write_during_read(store: ConformanceStore, seed: int) -> None:
     bounds = sorted({*universe, *(k + b"\x00" for k in universe), *store.range("wdr", seed)})
     committed: dict[bytes, bytes] = {}
     log: list[str] = []
+    commits = 0
 
     def fail(msg: str) -> None:
         pytest.fail(f"WriteDuringRead seed {seed}: {msg}\nops so far:\n" + "\n".join(log[-25:]))
@@ -275,15 +282,21 @@ async def _write_during_read(store: ConformanceStore, seed: int) -> None:
                 log.append(f"commit transaction {t}")
                 await tr.commit()
                 committed = view
+                commits += 1
             else:
                 log.append(f"rollback transaction {t}")
                 await tr.rollback()
+        except ConflictError:
+            # Another client of a shared store may conflict with any
+            # transaction; this one then applied nothing.
+            log.append(f"transaction {t} conflicted")
         finally:
             await tr.rollback()
         begin, end = store.range("wdr", seed)
         stored = dict(await read_prefix(store.db, begin, end))
         if stored != committed:
             fail(f"after transaction {t} the store holds {stored!r}, expected {committed!r}")
+    return commits
 
 
 @conformance_test()
@@ -292,8 +305,10 @@ async def test_write_during_read_random(store: ConformanceStore) -> None:
     interleaved with get and get_range (limits, reverse) inside transactions,
     checked against a dict model after every read and after every commit or
     rollback. A failure names its seed."""
+    commits = 0
     for seed in range(12):
-        await _write_during_read(store, seed)
+        commits += await _write_during_read(store, seed)
+    assert commits >= 12, f"only {commits} of the random transactions committed"
 
 
 @conformance_test()
@@ -388,12 +403,17 @@ async def test_exception_in_transaction_leaves_nothing(store: ConformanceStore) 
 async def test_transaction_closed_after_commit_or_rollback(store: ConformanceStore) -> None:
     """Using a transaction after commit or rollback raises TransactionClosedError."""
     for finish in ("commit", "rollback"):
-        tr = store.db.create_transaction()
-        tr.set(store.key("closed", finish), b"x")
-        if finish == "commit":
-            await tr.commit()
-        else:
-            await tr.rollback()
+
+        async def finished(finish: str = finish) -> Transaction:
+            tr = store.db.create_transaction()
+            tr.set(store.key("closed", finish), b"x")
+            if finish == "commit":
+                await tr.commit()
+            else:
+                await tr.rollback()
+            return tr
+
+        tr = await rerun_on_conflict(finished)
         with pytest.raises(TransactionClosedError):
             await tr.get(store.key("closed", finish))
         with pytest.raises(TransactionClosedError):
@@ -441,19 +461,27 @@ async def test_atomic_add(store: ConformanceStore) -> None:
 async def test_concurrent_adds_do_not_conflict(store: ConformanceStore) -> None:
     """Two open transactions that both add to a key (without reading it)
     both commit: add is not a read."""
-    counter, other = store.key("adds", "counter"), store.key("adds", "other")
-    tr1 = store.db.create_transaction()
-    tr2 = store.db.create_transaction()
-    try:
-        await tr1.get(other)
-        await tr2.get(other)
-        tr1.add(counter, 1)
-        tr2.add(counter, 2)
-        await tr1.commit()
-        await tr2.commit()
-    finally:
-        await tr1.rollback()
-        await tr2.rollback()
+    attempt = 0
+
+    async def scenario() -> bytes:
+        nonlocal attempt
+        attempt += 1
+        counter, other = store.key("adds", "counter", attempt), store.key("adds", "other")
+        tr1 = store.db.create_transaction()
+        tr2 = store.db.create_transaction()
+        try:
+            await tr1.get(other)
+            await tr2.get(other)
+            tr1.add(counter, 1)
+            tr2.add(counter, 2)
+            await tr1.commit()
+            await tr2.commit()
+        finally:
+            await tr1.rollback()
+            await tr2.rollback()
+        return counter
+
+    counter = await rerun_on_conflict(scenario)
 
     async def read(tr: Transaction) -> bytes | None:
         return await tr.get(counter)

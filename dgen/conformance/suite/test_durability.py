@@ -14,6 +14,7 @@ __all__ = [
     "test_sideband_across_processes",
     "test_durable_across_close_and_reopen",
     "test_acknowledged_writes_survive_sigkill",
+    "test_commits_survive_connections_coming_and_going",
 ]
 
 
@@ -110,3 +111,32 @@ async def test_acknowledged_writes_survive_sigkill(store: ConformanceStore) -> N
         f"transaction {acked} was acknowledged but only {len(a_ids)} transactions survived"
     )
     assert all(v == pack((i,)) for i, (_, v) in enumerate(b))
+
+
+@conformance_test("durable", "cross_process")
+async def test_commits_survive_connections_coming_and_going(store: ConformanceStore) -> None:
+    """While this process keeps one connection and commits through it, more
+    connections open here and short-lived worker processes open the store,
+    commit and exit. Every acknowledged commit, ours and theirs, is there
+    after closing everything and reopening. (Catches, for example, an
+    SQLite adapter that opens the database file itself: closing that file
+    drops the process's POSIX locks, so another process's last close
+    deletes the write-ahead log this process is still writing to.)"""
+    db = store.db
+    expected = []
+    for i in range(3):
+        await store.connect()  # another connection in this process, kept open
+        worker = await store.spawn("set", f"visitor{i}", b"visited".hex())
+        assert await worker.readline() == "committed"
+        await worker.wait()
+        expected.append(store.key(f"visitor{i}"))
+
+        async def write(tr: Transaction, i: int = i) -> None:
+            tr.set(store.key("mine", i), b"acknowledged")
+
+        await db.run(write)
+        expected.append(store.key("mine", i))
+    db = await store.reopen()
+    present = {k for k, _ in await read_prefix(db, *store.range())}
+    lost = [k for k in expected if k not in present]
+    assert not lost, f"acknowledged commits lost after reopening: {lost}"

@@ -266,6 +266,24 @@ async def test_conflict_range_write_inside_conflicts(store: ConformanceStore) ->
     assert await _conflicts(store, db2, 4, 18, 2, False, 5), "limited read, write inside"
 
 
+async def _never_conflicts(
+    store: ConformanceStore,
+    db2: Database,
+    read_begin: int,
+    read_end: int,
+    limit: int,
+    reverse: bool,
+    write_at: int,
+) -> bool:
+    """True if the scenario commits without conflict in one of three tries:
+    other clients of a shared store may cause a conflict now and then."""
+    for _ in range(3):
+        await _conflict_range_setup(store)
+        if not await _conflicts(store, db2, read_begin, read_end, limit, reverse, write_at):
+            return True
+    return False
+
+
 @conformance_test()
 async def test_conflict_range_write_outside_does_not_conflict(store: ConformanceStore) -> None:
     """ConflictRange, the other half: a concurrent write outside the range a
@@ -276,19 +294,16 @@ async def test_conflict_range_write_outside_does_not_conflict(store: Conformance
     db2 = await store.connect()
     rng = random.Random(5)
     for _ in range(16):
-        await _conflict_range_setup(store)
         b = rng.randrange(2, 14)
         e = rng.randrange(b + 1, 18)
         w = rng.choice([rng.randrange(0, b), rng.randrange(e, 20)])
-        assert not await _conflicts(store, db2, b, e, 0, rng.random() < 0.5, w), (
+        assert await _never_conflicts(store, db2, b, e, 0, rng.random() < 0.5, w), (
             f"read of keys [{b}, {e}) conflicted with a concurrent write at {w} outside it"
         )
-    await _conflict_range_setup(store)
     # Forward limit 2 from key 4 reads keys 4 and 6 only: a write at 10 is outside.
-    assert not await _conflicts(store, db2, 4, 18, 2, False, 10), "limited read, write beyond"
-    await _conflict_range_setup(store)
+    assert await _never_conflicts(store, db2, 4, 18, 2, False, 10), "limited read, write beyond"
     # Reverse limit 2 below 18 reads keys 16 and 14 only: a write at 9 is outside.
-    assert not await _conflicts(store, db2, 0, 18, 2, True, 9), "reverse limited read"
+    assert await _never_conflicts(store, db2, 0, 18, 2, True, 9), "reverse limited read"
 
 
 @conformance_test()

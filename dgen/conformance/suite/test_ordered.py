@@ -7,8 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Awaitable
 
-from dgen.conformance.support import ConformanceStore, Worker, conformance_test, read_prefix
+from dgen.conformance.support import (
+    ConformanceStore,
+    Worker,
+    conformance_test,
+    read_prefix,
+    rerun_on_conflict,
+)
 from dgen.keys import Versionstamp, pack, pack_with_versionstamp, unpack
 from dgen.store import Database, Transaction
 
@@ -40,16 +47,20 @@ async def test_versionstamp_readable_after_commit(store: ConformanceStore) -> No
     """The stamp awaited from get_versionstamp() is the 10 bytes written into
     the key; the key is not readable inside its own transaction and is
     readable after commit."""
-    tr = store.db.create_transaction()
-    try:
-        key, offset = _stamped(store, "vs")
-        tr.set_versionstamped_key(key, offset, b"payload")
-        stamp_future = tr.get_versionstamp()
-        assert await tr.get_range(*store.range("vs")) == []
-        await tr.commit()
-    finally:
-        await tr.rollback()
-    stamp = await stamp_future
+
+    async def scenario() -> bytes:
+        tr = store.db.create_transaction()
+        try:
+            key, offset = _stamped(store, "vs")
+            tr.set_versionstamped_key(key, offset, b"payload")
+            stamp_future = tr.get_versionstamp()
+            assert await tr.get_range(*store.range("vs")) == []
+            await tr.commit()
+        finally:
+            await tr.rollback()
+        return await stamp_future
+
+    stamp = await rerun_on_conflict(scenario)
     assert isinstance(stamp, bytes) and len(stamp) == 10
     pairs = await read_prefix(store.db, *store.range("vs"))
     assert pairs == [(store.key("vs", Versionstamp(stamp, 0)), b"payload")]
@@ -87,33 +98,39 @@ async def test_stamps_follow_commit_order(store: ConformanceStore) -> None:
     """Stamps increase in commit order, not in the order transactions were
     created or wrote their keys: a transaction that sets its key first but
     commits last gets the largest stamp."""
-    slow = store.db.create_transaction()
-    fast = store.db.create_transaction()
-    try:
-        key, offset = _stamped(store, "race")
-        slow.set_versionstamped_key(key, offset, b"slow")
-        fast.set_versionstamped_key(key, offset, b"fast")
-        slow_stamp, fast_stamp = slow.get_versionstamp(), fast.get_versionstamp()
-        await fast.commit()
-        await slow.commit()
-    finally:
-        await fast.rollback()
-        await slow.rollback()
-    assert await fast_stamp < await slow_stamp, "the later commit got the smaller stamp"
-    pairs = await read_prefix(store.db, *store.range("race"))
+    attempt = 0
+
+    async def race() -> int:
+        nonlocal attempt
+        attempt += 1
+        slow = store.db.create_transaction()
+        fast = store.db.create_transaction()
+        try:
+            key, offset = _stamped(store, "race", attempt)
+            slow.set_versionstamped_key(key, offset, b"slow")
+            fast.set_versionstamped_key(key, offset, b"fast")
+            slow_stamp, fast_stamp = slow.get_versionstamp(), fast.get_versionstamp()
+            await fast.commit()
+            await slow.commit()
+        finally:
+            await fast.rollback()
+            await slow.rollback()
+        assert await fast_stamp < await slow_stamp, "the later commit got the smaller stamp"
+        return attempt
+
+    attempt = await rerun_on_conflict(race)
+    pairs = await read_prefix(store.db, *store.range("race", attempt))
     assert [v for _, v in pairs] == [b"fast", b"slow"]
 
     # Sequential transactions: strictly increasing stamps.
     stamps = []
     for i in range(5):
-        tr = store.db.create_transaction()
-        try:
+
+        async def write(tr: Transaction, i: int = i) -> Awaitable[bytes]:
             tr.set_versionstamped_key(*_stamped(store, "seq"), pack((i,)))
-            future = tr.get_versionstamp()
-            await tr.commit()
-        finally:
-            await tr.rollback()
-        stamps.append(await future)
+            return tr.get_versionstamp()
+
+        stamps.append(await (await store.db.run(write)))
     assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
 
 

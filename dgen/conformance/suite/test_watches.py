@@ -5,10 +5,16 @@ writes that must never leave a watcher asleep (FoundationDB's Watches)."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import pytest
 
-from dgen.conformance.support import ConformanceStore, conformance_test, wait_fired
+from dgen.conformance.support import (
+    ConformanceStore,
+    conformance_test,
+    rerun_on_conflict,
+    wait_fired,
+)
 from dgen.store import Database, StoreError, Transaction, Watch, decode_counter, encode_counter
 
 __all__ = [
@@ -97,24 +103,32 @@ async def test_watch_baseline_is_the_transactions_view(store: ConformanceStore) 
     key = store.key("w", "base")
     await _set(store.db, key, b"v0")
 
-    tr = store.db.create_transaction()
-    try:
-        assert await tr.get(key) == b"v0"
-        watch = tr.watch(key)
-        await _set(db2, key, b"v1")
-        await tr.commit()
-    finally:
-        await tr.rollback()
+    async def change_after_read() -> Watch:
+        tr = store.db.create_transaction()
+        try:
+            before = await tr.get(key)
+            watch = tr.watch(key)
+            await _set(db2, key, (before or b"") + b"+")
+            await tr.commit()
+        finally:
+            await tr.rollback()
+        return watch
+
+    watch = await rerun_on_conflict(change_after_read)
     await wait_fired(watch, "the key changed between the watching transaction's read and commit")
 
-    tr = store.db.create_transaction()
-    try:
-        await tr.get(store.key("w", "other"))  # fixes the snapshot without reading key
-        watch = tr.watch(key)
-        await _set(db2, key, b"v2")
-        await tr.commit()
-    finally:
-        await tr.rollback()
+    async def change_after_snapshot() -> Watch:
+        tr = store.db.create_transaction()
+        try:
+            await tr.get(store.key("w", "other"))  # fixes the snapshot without reading key
+            watch = tr.watch(key)
+            await _set(db2, key, uuid.uuid4().bytes)
+            await tr.commit()
+        finally:
+            await tr.rollback()
+        return watch
+
+    watch = await rerun_on_conflict(change_after_snapshot)
     await wait_fired(watch, "the key changed after the watching transaction's snapshot")
 
     async def own_write(tr: Transaction) -> Watch:
