@@ -12,6 +12,14 @@ Tests needing a :class:`dgen.store.Capabilities` flag the backend does not
 declare are skipped with the reason. See ``docs/conformance.md``.
 """
 
+try:
+    import pytest  # noqa: F401  (the suite runs through it)
+except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
+    raise ModuleNotFoundError(
+        "dgen.conformance runs through pytest, which is not installed. "
+        "Install it with: pip install 'pytest>=8'"
+    ) from exc
+
 from dgen.conformance.runner import Outcome, SuiteResult, run_suite
 
 __all__ = ["Outcome", "SuiteResult", "run_suite"]
