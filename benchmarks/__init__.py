@@ -1,0 +1,1 @@
+"""DGen benchmarks: run ``python -m benchmarks --help``; see benchmarks/README.md."""
