@@ -14,6 +14,17 @@ committed with the lock's release only if the record still names this
 consumer as owner (fencing). Consumers that find a live foreign lock wait on
 a watch of the lock key, bounded by the lease deadline; one that finds an
 expired lease takes the lock over and runs ``handle_locked`` itself.
+
+Poison messages (``DGenServer.max_attempts``): attempts are counted in small
+transactions of their own, never in the failing one. A handler that raises
+records the failure (type, text, traceback) before the consumer crashes. A
+consumer that starts *probes*: before it runs the first message it finds at
+the head, it counts an attempt for it, because a process that died inside
+that message's handler (SIGKILL) could not count its own attempt; it then
+runs that message alone. Once that message commits, or the queue is seen
+empty, the consumer stops probing: the happy path costs no extra commit.
+At the limit the message moves to the dead letters in a transaction that
+also runs ``handle_dead_letter`` and answers a waiting caller with an error.
 """
 
 from __future__ import annotations
@@ -23,7 +34,9 @@ import contextlib
 import inspect
 import logging
 import os
+import socket
 import time
+import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,8 +44,26 @@ from typing import Any, TypeVar, cast
 
 from dgen import codec
 from dgen.layout import Flat, StateLayout, diff
-from dgen.queue import Message, TenantKeys, clear_message, read_blob, read_head, write_blob
-from dgen.server import Action, Caller, DGenServer, Lock, NoReply, Reply, Result, Stop
+from dgen.queue import (
+    Message,
+    TenantKeys,
+    clear_message,
+    read_blob,
+    read_head,
+    write_blob,
+    write_error_reply,
+)
+from dgen.server import (
+    Action,
+    Caller,
+    DGenServer,
+    ErrorInfo,
+    Lock,
+    NoReply,
+    Reply,
+    Result,
+    Stop,
+)
 from dgen.store import Database, Transaction, Watch
 
 __all__ = ["Consumer", "ConsumerStats"]
@@ -42,6 +73,9 @@ T = TypeVar("T")
 
 # Reply slots are collected this long after their deadline (clock-skew margin).
 _REPLY_GRACE_SECONDS = 60
+# Tracebacks kept in attempt records and dead letters are cut to this length.
+_MAX_TRACEBACK = 16_000
+_HOLDER = f"{socket.gethostname()}:{os.getpid()}"
 
 
 async def _maybe_await(value: T | Awaitable[T]) -> T:
@@ -74,6 +108,10 @@ class ConsumerStats:
     """Expired locks of other consumers taken over."""
     action_failures: int = 0
     """After-commit actions that raised (logged, not propagated)."""
+    dead_letters: int = 0
+    """Messages this consumer moved to the dead letters."""
+    attempts_counted: int = 0
+    """Attempt records written (failures, and probes before a retried message)."""
 
 
 @dataclass(slots=True)
@@ -93,6 +131,10 @@ class _LockRecord:
     payload: bytes
     reply_slot: bytes | None
     stamp: bytes
+    since: float = 0.0
+    """When the lock was taken (or taken over), for operators."""
+    holder: str = ""
+    """``host:pid`` of the owning consumer, for operators."""
 
     def encode(self) -> bytes:
         return codec.encode(
@@ -104,6 +146,8 @@ class _LockRecord:
                 "payload": self.payload,
                 "reply": self.reply_slot,
                 "id": self.stamp,
+                "since": self.since,
+                "holder": self.holder,
             }
         )
 
@@ -111,7 +155,15 @@ class _LockRecord:
     def decode(cls, data: bytes) -> _LockRecord:
         d = codec.decode(data)
         return cls(
-            d["owner"], d["deadline"], d["lease"], d["kind"], d["payload"], d["reply"], d["id"]
+            d["owner"],
+            d["deadline"],
+            d["lease"],
+            d["kind"],
+            d["payload"],
+            d["reply"],
+            d["id"],
+            d.get("since", 0.0),
+            d.get("holder", ""),
         )
 
 
@@ -124,6 +176,8 @@ class _Done:
     actions: list[tuple[Sequence[Action], Any, str]] = field(default_factory=list)
     stop: Stop | None = None
     locked: _LockRecord | None = None
+    dead_letter: str | None = None
+    """The id of the message this transaction dead-lettered."""
 
 
 @dataclass(slots=True)
@@ -131,6 +185,14 @@ class _Wait:
     watch: Watch
     timeout: float | None = None
     locked: bool = False
+
+
+@dataclass(slots=True)
+class _Counted:
+    """A probe counted an attempt of the head message (see module docs)."""
+
+    stamp: bytes
+    attempts: int
 
 
 @dataclass(slots=True)
@@ -144,6 +206,68 @@ class _SmallerBatch(Exception):
 
     def __init__(self, size: int) -> None:
         self.size = size
+
+
+def encode_attempts(attempts: int, error: ErrorInfo | None) -> bytes:
+    """An attempt record: attempts counted and the last failure, if any."""
+    return codec.encode({"attempts": attempts, "error": _error_dict(error)})
+
+
+def decode_attempts(data: bytes | None) -> tuple[int, ErrorInfo | None]:
+    if data is None:
+        return 0, None
+    d = codec.decode(data)
+    return d["attempts"], _error_from(d["error"])
+
+
+def _error_dict(error: ErrorInfo | None) -> dict[str, Any] | None:
+    if error is None:
+        return None
+    return {
+        "type": error.type,
+        "message": error.message,
+        "traceback": error.traceback,
+        "attempts": error.attempts,
+        "time": error.time,
+    }
+
+
+def _error_from(d: dict[str, Any] | None) -> ErrorInfo | None:
+    if d is None:
+        return None
+    return ErrorInfo(d["type"], d["message"], d["traceback"], d["attempts"], d["time"])
+
+
+def encode_dead_letter(message: Message, error: ErrorInfo) -> bytes:
+    """A dead letter: the queue record's parts plus why it failed."""
+    return codec.encode(
+        {
+            "kind": message.kind,
+            "reply": message.reply_slot,
+            "payload": message.payload,
+            "error": _error_dict(error),
+        }
+    )
+
+
+def decode_dead_letter(stamp: bytes, data: bytes) -> tuple[Message, ErrorInfo]:
+    d = codec.decode(data)
+    error = _error_from(d["error"])
+    assert error is not None
+    return Message(stamp, d["kind"], d["payload"], d["reply"], len(d["payload"])), error
+
+
+def _describe_failure(exc: BaseException, attempts: int) -> ErrorInfo:
+    kind = type(exc)
+    name = (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+    text = "".join(traceback.format_exception(exc))
+    if len(text) > _MAX_TRACEBACK:
+        text = "...\n" + text[-_MAX_TRACEBACK:]
+    return ErrorInfo(name, str(exc)[:_MAX_TRACEBACK], text, attempts, time.time())
 
 
 class Consumer:
@@ -180,6 +304,13 @@ class Consumer:
         self.layout = StateLayout(self.keys.state, self._max_value)
         self._next_gc = 0.0
         self._batch_limit: int | None = None
+        self.max_attempts = server.max_attempts
+        if self.max_attempts is not None and self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1 or None, got {self.max_attempts}")
+        # Poison-message bookkeeping (see the module docs).
+        self._probing = self.max_attempts is not None
+        self._counted: bytes | None = None  # stamp whose running attempt is counted
+        self._failed: Message | None = None  # the message whose handler just raised
 
     # -- transactions with cache invalidation ---------------------------------
 
@@ -279,16 +410,35 @@ class Consumer:
             except _SmallerBatch as smaller:
                 self._batch_limit = smaller.size
                 continue
+            except Exception as exc:
+                failed, self._failed = self._failed, None
+                if failed is None or self.max_attempts is None:
+                    raise
+                dead = await self._count_failure(failed, exc)
+                if dead is None:
+                    raise
+                outcome = dead
             self._batch_limit = None
             if isinstance(outcome, _Wait):
                 self.stats.lock_waits += outcome.locked
+                if not outcome.locked:
+                    self._probing = False  # an empty queue: nothing left to suspect
                 await self._sleep(outcome)
                 continue
+            if isinstance(outcome, _Counted):
+                self._counted = outcome.stamp
+                continue
+            if isinstance(outcome, _Done):
+                # The suspect message completed (or was dead-lettered): trust the rest.
+                self._probing = False
+                self._counted = None
             if isinstance(outcome, _TakeOver):
                 self._set_cache(outcome.cache)
                 stop = await self._run_locked(outcome.record, outcome.cache.state)
             else:
                 self._set_cache(outcome.cache)
+                if outcome.dead_letter is not None:
+                    self._log_dead_letter(outcome.dead_letter)
                 # A locked message counts once handle_locked's result commits.
                 self.stats.messages += outcome.messages - (outcome.locked is not None)
                 await self._run_actions(outcome.actions)
@@ -308,7 +458,8 @@ class Consumer:
         finally:
             wait.watch.cancel()
 
-    async def _consume(self, tr: Transaction) -> _Done | _Wait | _TakeOver:
+    async def _consume(self, tr: Transaction) -> _Done | _Wait | _TakeOver | _Counted:
+        self._failed = None
         raw_lock = await read_blob(tr, self.keys.lock)
         if raw_lock is not None:
             record = _LockRecord.decode(raw_lock)
@@ -322,6 +473,10 @@ class Consumer:
         messages = await read_head(tr, self.keys, self._batch_limit or self.batch_size)
         if not messages:
             return _Wait(tr.watch(self.keys.push))
+        if self._probing:
+            if messages[0].stamp != self._counted:
+                return await self._probe(tr, current, messages[0])
+            messages = messages[:1]  # run the suspect alone, so a crash is its own
         return await self._handle_batch(tr, current, messages)
 
     async def _handle_batch(
@@ -329,6 +484,7 @@ class Consumer:
     ) -> _Done:
         state = current.state
         done = _Done(current, 0)
+        last = messages[0]
         budget = self.db.limits.max_transaction_size // 4
         time_budget = self.db.limits.max_transaction_seconds
         started = time.monotonic()
@@ -341,36 +497,54 @@ class Consumer:
                 break
             try:
                 result = await self._dispatch(message, state)
+                reply = None
+                if message.kind == "call" and not isinstance(result, (NoReply, Lock)):
+                    value = result.value if isinstance(result, Reply) else result.reply
+                    reply = codec.encode(value)
             except Exception:
                 if done.messages:
                     # Commit the messages before the failing one without it (the
                     # handler may have half-mutated the state): retry a smaller batch.
                     raise _SmallerBatch(done.messages) from None
+                self._failed = message
                 raise
             state = result.state
             clear_message(tr, self.keys, message.stamp)
             done.messages += 1
-            if message.kind == "call" and not isinstance(result, (NoReply, Lock)):
-                value = result.value if isinstance(result, Reply) else result.reply
-                await self._write_reply(tr, message.reply_slot, codec.encode(value))
+            last = message
+            if reply is not None:
+                await self._write_reply(tr, message.reply_slot, reply)
             if result.actions:
                 done.actions.append((result.actions, state, message.id))
             if isinstance(result, Lock):
+                now = time.time()
                 done.locked = _LockRecord(
                     self.owner,
-                    time.time() + self.lease,
+                    now + self.lease,
                     self.lease,
                     message.kind,
                     message.payload,
                     message.reply_slot,
                     message.stamp,
+                    now,
+                    _HOLDER,
                 )
                 write_blob(tr, self.keys.lock, done.locked.encode(), self._max_value)
                 break
             if isinstance(result, Stop):
                 done.stop = result
                 break
-        done.cache = self._write_state(tr, state, current)
+        try:
+            done.cache = self._write_state(tr, state, current)
+        except Exception:
+            if done.messages > 1:
+                raise _SmallerBatch(done.messages - 1) from None  # find the culprit
+            self._failed = last
+            raise
+        if self.max_attempts is not None:
+            # Attempt records of consumed messages (and older leftovers) go too:
+            # one blind range clear, which never conflicts with producers.
+            tr.clear_range(self.keys.attempts_begin, self.keys.attempts_through(last.stamp))
         return done
 
     async def _dispatch(self, message: Message, state: Any) -> Result:
@@ -408,12 +582,158 @@ class Consumer:
                 except Exception:
                     self.stats.action_failures += 1
                     log.exception(
-                        "after-commit action %r failed (tenant %r, message %s); the commit "
-                        "stands and the consumer continues",
+                        "action failure: after-commit action %r failed (tenant %r, message "
+                        "%s); the commit stands and the consumer continues",
                         action,
                         self.tenant,
                         message_id,
+                        extra=self._log_fields("action_failure", message_id),
                     )
+
+    # -- poison messages -----------------------------------------------------------
+
+    def _log_fields(self, event: str, message_id: str, **more: Any) -> dict[str, Any]:
+        """``extra=`` fields of an operator log line (see docs/operating.md)."""
+        return {"dgen_event": event, "tenant": self.tenant, "message_id": message_id, **more}
+
+    async def _probe(self, tr: Transaction, current: _Cached, head: Message) -> _Done | _Counted:
+        """Count an attempt of ``head`` before running it (its previous attempt
+        may have died with its process), or dead-letter it at the limit."""
+        assert self.max_attempts is not None
+        key = self.keys.attempts(head.stamp)
+        attempts, error = decode_attempts(await read_blob(tr, key))
+        if attempts >= self.max_attempts:
+            if error is None:
+                error = ErrorInfo(
+                    "Interrupted",
+                    f"the handler did not complete in {attempts} attempts (its consumer "
+                    "died or was stopped inside it each time)",
+                    "",
+                    attempts,
+                    time.time(),
+                )
+            return await self._dead_letter(tr, current, head, error)
+        # Records of stamps before the head belong to messages no longer queued.
+        tr.clear_range(self.keys.attempts_begin, key)
+        write_blob(tr, key, encode_attempts(attempts + 1, error), self._max_value)
+        self.stats.attempts_counted += 1
+        return _Counted(head.stamp, attempts + 1)
+
+    async def _count_failure(self, message: Message, exc: Exception) -> _Done | None:
+        """Record a handler's failure in a transaction of its own. Returns the
+        dead-lettering outcome at the limit; None means: crash (re-raise)."""
+        assert self.max_attempts is not None
+        max_attempts = self.max_attempts
+        counted = self._counted == message.stamp
+        key = self.keys.attempts(message.stamp)
+
+        async def record(tr: Transaction) -> _Done | int | None:
+            if await tr.get(self.keys.message(message.stamp)) is None:
+                return None  # consumed elsewhere meanwhile: nothing to count
+            attempts, _ = decode_attempts(await read_blob(tr, key))
+            attempts += 0 if counted else 1
+            error = _describe_failure(exc, attempts)
+            if attempts >= max_attempts:
+                current = await self._load_state(tr)
+                if current is None:
+                    raise RuntimeError(f"tenant {self.tenant!r} has no state (was it deleted?)")
+                return await self._dead_letter(tr, current, message, error)
+            write_blob(tr, key, encode_attempts(attempts, error), self._max_value)
+            return attempts
+
+        try:
+            outcome = await self._run(record)
+        except Exception as failure:
+            exc.add_note(f"dgen: could not count this failed attempt: {failure!r}")
+            return None
+        self.stats.attempts_counted += 1
+        if isinstance(outcome, _Done):
+            return outcome
+        log.error(
+            "crash: tenant %r, %s message %s failed (attempt %s of %d): %s: %s",
+            self.tenant,
+            message.kind,
+            message.id,
+            outcome if outcome is not None else "?",
+            max_attempts,
+            type(exc).__name__,
+            exc,
+            extra=self._log_fields(
+                "crash",
+                message.id,
+                attempt=outcome,
+                max_attempts=max_attempts,
+                error_type=type(exc).__name__,
+            ),
+        )
+        return None
+
+    async def _dead_letter(
+        self, tr: Transaction, current: _Cached, message: Message, error: ErrorInfo
+    ) -> _Done:
+        """Move ``message`` to the dead letters, run ``handle_dead_letter`` and
+        answer a waiting caller with an error, all in this transaction."""
+        state = current.state
+        done = _Done(current, 0, dead_letter=message.id)
+        try:
+            payload = codec.decode(message.payload)
+        except Exception:
+            payload = None
+        try:
+            result = await _maybe_await(
+                self.server.handle_dead_letter(message.kind, payload, error, state)
+            )
+            if result is not None and type(result) is not NoReply:
+                raise TypeError(
+                    f"handle_dead_letter of {type(self.server).__name__} returned "
+                    f"{type(result).__name__}; expected None or NoReply"
+                )
+            new_state = state if result is None else result.state
+            done.cache = self._write_state(tr, new_state, current)
+            if result is not None and result.actions:
+                done.actions.append((result.actions, new_state, message.id))
+        except Exception:
+            log.exception(
+                "handle_dead_letter failed (tenant %r, message %s); the message is "
+                "dead-lettered with the state unchanged",
+                self.tenant,
+                message.id,
+                extra=self._log_fields("dead_letter_callback_failure", message.id),
+            )
+            # It may have mutated the cached state in place: rebuild from bytes.
+            rebuilt, _ = self.layout.rebuild(sorted(current.flat.entries.items()))
+            done.cache = _Cached(current.token, rebuilt, current.flat)
+        write_blob(
+            tr,
+            self.keys.dead_letter(message.stamp),
+            encode_dead_letter(message, error),
+            self._max_value,
+        )
+        clear_message(tr, self.keys, message.stamp)
+        tr.clear_range(self.keys.attempts_begin, self.keys.attempts_through(message.stamp))
+        if message.reply_slot is not None and await tr.get(message.reply_slot) is not None:
+            write_error_reply(
+                tr,
+                message.reply_slot,
+                "dead-letter",
+                f"the call's message {message.id} to tenant {self.tenant!r} failed "
+                f"{error.attempts} times and was moved to the dead letters: "
+                f"{error.type}: {error.message}",
+                self._max_value,
+            )
+        return done
+
+    def _log_dead_letter(self, message_id: str) -> None:
+        self.stats.dead_letters += 1
+        log.error(
+            "dead letter: tenant %r, message %s reached max_attempts=%s and was moved to "
+            "the dead letters (see: dgen dead-letters list URL %s); the queue proceeds",
+            self.tenant,
+            message_id,
+            self.max_attempts,
+            self.tenant,
+            extra=self._log_fields("dead_letter", message_id, max_attempts=self.max_attempts),
+        )
 
     # -- locks ----------------------------------------------------------------------
 
@@ -423,20 +743,25 @@ class Consumer:
             raise RuntimeError(f"tenant {self.tenant!r} is locked but has no state")
         if record.owner != self.owner:
             log.warning(
-                "taking over the lock of tenant %r (message %s) after its lease expired; "
+                "lock takeover: tenant %r, message %s: the lease of %s expired; "
                 "handle_locked runs again",
                 self.tenant,
                 record.stamp.hex(),
+                record.holder or "its consumer",
+                extra=self._log_fields("lock_takeover", record.stamp.hex(), holder=record.holder),
             )
             self.stats.lock_takeovers += 1
+        now = time.time()
         taken = _LockRecord(
             self.owner,
-            time.time() + self.lease,
+            now + self.lease,
             self.lease,
             record.kind,
             record.payload,
             record.reply_slot,
             record.stamp,
+            now,
+            _HOLDER,
         )
         write_blob(tr, self.keys.lock, taken.encode(), self._max_value)
         return _TakeOver(taken, current)

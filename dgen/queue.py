@@ -16,14 +16,24 @@ Every key is tuple-packed under the tenant's prefix ``("dgen", tenant)``:
                           is never read as part of the state.
 ``("k",)``                the lock record (a blob), present while locked.
 ``("r", deadline, id)``   a reply slot: ``b""`` while the caller waits, then
-                          the reply blob. ``deadline`` (unix seconds) lets
-                          consumers garbage-collect slots of dead callers.
+                          the reply blob (or an error blob, see below).
+                          ``deadline`` (unix seconds) lets consumers
+                          garbage-collect slots of dead callers.
+``("a", stamp)``          attempt record of a queued message that failed or
+                          is being retried (a blob; see docs/operating.md).
+``("x", stamp)``          a dead letter (a blob): the message, its error
+                          and attempts. Retrying re-queues it at
+                          ``("q", stamp)``, its original place.
 ========================  ===================================================
 
 A *blob* is a value that may exceed the backend's value limit: its main key
 holds ``b"\\x00" + data`` when that fits, else ``b"\\x01" + packed (chunks,
 size)`` with the data split over keys ``main + pack((i,))``, which sort
 right after the main key and inside its :func:`dgen.keys.range_of`.
+
+An *error blob* (``b"\x02" + encoded (kind, text)``) in a reply slot tells
+the caller that its message was dropped: :func:`read_blob` raises the
+matching :class:`dgen.MessageDroppedError`.
 
 Queue items, lock records and replies are blobs. This module only reads and
 writes keys inside a caller's transaction; the consumer and the handles
@@ -36,17 +46,33 @@ from dataclasses import dataclass
 
 from dgen import codec
 from dgen.keys import Versionstamp, pack, pack_with_versionstamp, range_of, unpack
+from dgen.server import DeadLetteredError, MessageDeletedError, MessageDroppedError
 from dgen.store import Transaction
 
-__all__ = ["Message", "TenantKeys", "read_blob", "write_blob"]
+__all__ = [
+    "Message",
+    "TenantKeys",
+    "parse_message_id",
+    "read_blob",
+    "write_blob",
+    "write_error_reply",
+]
 
-_INLINE, _CHUNKED = 0, 1
+_INLINE, _CHUNKED, _ERROR = 0, 1, 2
+_DROPPED: dict[str, type[MessageDroppedError]] = {
+    "deleted": MessageDeletedError,
+    "dead-letter": DeadLetteredError,
+}
 
 
 class TenantKeys:
     """The keys of one tenant."""
 
     __slots__ = (
+        "attempts_begin",
+        "attempts_end",
+        "dead_begin",
+        "dead_end",
         "lock",
         "prefix",
         "push",
@@ -70,6 +96,25 @@ class TenantKeys:
         self.version = pack(("v",), self.prefix)
         self.lock = pack(("k",), self.prefix)
         self.replies_begin, self.replies_end = range_of(("r",), self.prefix)
+        self.attempts_begin, self.attempts_end = range_of(("a",), self.prefix)
+        self.dead_begin, self.dead_end = range_of(("x",), self.prefix)
+
+    def message(self, stamp: bytes) -> bytes:
+        """The queue key of the message with this stamp."""
+        return pack(("q", Versionstamp.from_bytes(stamp)), self.prefix)
+
+    def attempts(self, stamp: bytes) -> bytes:
+        """The attempt record's key of the message with this stamp."""
+        return pack(("a", Versionstamp.from_bytes(stamp)), self.prefix)
+
+    def attempts_through(self, stamp: bytes) -> bytes:
+        """End of the range holding the attempt records of every stamp up to
+        and including ``stamp`` (chunks included)."""
+        return self.attempts(stamp) + b"\xff"
+
+    def dead_letter(self, stamp: bytes) -> bytes:
+        """The dead letter's key of the message with this stamp."""
+        return pack(("x", Versionstamp.from_bytes(stamp)), self.prefix)
 
     def reply_slot(self, deadline: int, reply_id: bytes) -> bytes:
         return pack(("r", deadline, reply_id), self.prefix)
@@ -99,11 +144,26 @@ def write_blob(tr: Transaction, key: bytes, data: bytes, max_value: int) -> None
         tr.set(key + pack((i,)), chunk)
 
 
+def write_error_reply(tr: Transaction, slot: bytes, kind: str, text: str, max_value: int) -> None:
+    """Tell a waiting caller that its message was dropped (``kind``:
+    ``"deleted"`` or ``"dead-letter"``); :func:`read_blob` of the slot raises
+    the matching :class:`dgen.MessageDroppedError` with ``text``."""
+    data = bytes((_ERROR,)) + codec.encode((kind, text[: max_value // 8]))
+    tr.clear_range(slot + b"\x00", slot + b"\xff")
+    tr.set(slot, data)
+
+
 async def read_blob(tr: Transaction, key: bytes) -> bytes | None:
-    """The blob at ``key`` (None if absent)."""
+    """The blob at ``key`` (None if absent).
+
+    Raises :class:`dgen.MessageDroppedError` if it is an error blob.
+    """
     head = await tr.get(key)
     if head is None:
         return None
+    if head[:1] == bytes((_ERROR,)):
+        kind, text = codec.decode(head[1:])
+        raise _DROPPED.get(kind, MessageDroppedError)(text)
     return await _join(tr, key, head)
 
 
@@ -206,6 +266,51 @@ async def read_head(tr: Transaction, keys: TenantKeys, limit: int) -> list[Messa
 
 def clear_message(tr: Transaction, keys: TenantKeys, stamp: bytes) -> None:
     """Remove a consumed message (and its chunks)."""
-    main = pack(("q", Versionstamp.from_bytes(stamp)), keys.prefix)
+    main = keys.message(stamp)
     tr.clear(main)
     tr.clear_range(main + b"\x00", main + b"\xff")
+
+
+def requeue(tr: Transaction, keys: TenantKeys, message: Message, max_value: int) -> None:
+    """Put ``message`` back into the queue under its original stamp.
+
+    The stamp is older than anything queued after the message first was, so
+    it is consumed before those (at the head, for a retried dead letter).
+    Bumps the push counter to wake idle consumers.
+    """
+    record = encode_record(message.kind, message.payload, message.reply_slot)
+    write_blob(tr, keys.message(message.stamp), record, max_value)
+    tr.add(keys.push, 1)
+
+
+def parse_message_id(text: str) -> bytes:
+    """A message id (24 hex digits, as ``cast`` returns it) as its stamp bytes.
+
+    Raises ValueError naming the bad id.
+    """
+    try:
+        stamp = bytes.fromhex(text)
+    except (ValueError, TypeError):
+        stamp = b""
+    if len(stamp) != 12:
+        raise ValueError(
+            f"not a message id: {text!r} (a message id is 24 hex digits, as "
+            "cast() returns it and 'dgen queue list' shows it)"
+        )
+    return stamp
+
+
+async def messages_in(tr: Transaction, begin: bytes, end: bytes, limit: int) -> list[Message]:
+    """Up to ``limit`` whole queue records (blobs under stamp keys) in
+    ``[begin, end)``: the queue, or from a given stamp on."""
+    rows = await tr.get_range(begin, end, limit=limit)
+    out: list[Message] = []
+    for key, head in rows:
+        parts = unpack(key)
+        stamp = parts[-1]
+        if not isinstance(stamp, Versionstamp):
+            continue  # a chunk of the previous record
+        record = head[1:] if head[:1] == bytes((_INLINE,)) else await _join(tr, key, head)
+        kind, reply_slot, payload = codec.decode(record)
+        out.append(Message(stamp.to_bytes(), kind, payload, reply_slot, len(record)))
+    return out

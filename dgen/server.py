@@ -19,7 +19,11 @@ __all__ = [
     "CallTimeoutError",
     "Caller",
     "DGenServer",
+    "DeadLetteredError",
+    "ErrorInfo",
     "Lock",
+    "MessageDeletedError",
+    "MessageDroppedError",
     "NoReply",
     "Reply",
     "ReplyLostError",
@@ -90,6 +94,40 @@ class ReplyLostError(DGenError):
     garbage collection after its deadline) before a reply arrived."""
 
 
+class MessageDroppedError(DGenError):
+    """A call's message was removed from the queue without being handled, so
+    no reply will come. The message says why and names the message id."""
+
+
+class MessageDeletedError(MessageDroppedError):
+    """An operator deleted the call's message from the queue
+    (``dgen queue delete`` or :func:`dgen.admin.delete_message`)."""
+
+
+class DeadLetteredError(MessageDroppedError):
+    """The call's message failed ``max_attempts`` times and was moved to the
+    tenant's dead letters (``dgen dead-letters list``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """Why a message was dead-lettered: the last failure seen, and how often
+    its handler was attempted."""
+
+    type: str
+    """The exception's qualified type name, e.g. ``"ValueError"``, or
+    ``"Interrupted"`` when no attempt raised (the consumer died or was
+    stopped inside the handler each time)."""
+    message: str
+    """``str()`` of the exception."""
+    traceback: str
+    """The formatted traceback (empty for ``Interrupted``)."""
+    attempts: int
+    """Attempts counted (see :attr:`DGenServer.max_attempts`)."""
+    time: float
+    """When it was dead-lettered (unix seconds)."""
+
+
 class DGenServer:
     """Base class of a durable server. Override the callbacks you need.
 
@@ -107,7 +145,18 @@ class DGenServer:
     effects idempotent, e.g. pass a key derived from the message (the
     ``message`` itself, or an id you put in the state before returning
     :class:`Lock`) to the external service as its idempotency key.
+
+    Poison messages: a message whose handler fails (raises, or its consumer
+    dies inside it) ``max_attempts`` times is moved to the tenant's dead
+    letters and the queue behind it proceeds; see docs/operating.md.
     """
+
+    max_attempts: int | None = 5
+    """Attempts of one message before it is dead-lettered. Each failing
+    attempt before that still crashes the consumer ("let it crash"), so the
+    failure stays visible; the attempt that reaches the limit dead-letters
+    the message instead and the consumer carries on. ``None`` never
+    dead-letters: a poison message crashes every consumer forever."""
 
     def init(self, arg: Any) -> Any:
         """Return the initial state. Runs only when the tenant has no stored
@@ -129,3 +178,15 @@ class DGenServer:
         result is committed together with releasing the lock.
         """
         raise NotImplementedError(f"{type(self).__name__} returned Lock but has no handle_locked")
+
+    def handle_dead_letter(self, kind: str, message: Any, error: ErrorInfo, state: Any) -> Any:
+        """React to ``message`` being dead-lettered (``kind`` is ``"call"`` or
+        ``"cast"``; ``message`` is None if it cannot be decoded).
+
+        Runs inside the dead-lettering transaction, like ``handle_cast``: it
+        may run more than once and must be pure apart from its actions.
+        Return None (state unchanged) or :class:`NoReply` with the new state
+        and actions. If it raises, the message is dead-lettered anyway with
+        the state unchanged, and the failure is logged. Default: None.
+        """
+        return None
