@@ -121,6 +121,8 @@ class Report:
                     figure["meets"] = (
                         figure["ratio"] <= target if lower_is_better else figure["ratio"] >= target
                     )
+        if target is not None and "target" not in figure:
+            figure["target"] = target
         if note:
             figure["note"] = note
         figure.update(more)
@@ -150,7 +152,8 @@ def _fmt(value: float) -> str:
 
 
 def _line(f: dict[str, Any]) -> str:
-    text = f"  {f['key']:28} {_fmt(f['median']):>10} {f['unit']:8} [{_fmt(f['min'])} .. {_fmt(f['max'])}]"
+    spread = f"[{_fmt(f['min'])} .. {_fmt(f['max'])}]"
+    text = f"  {f['key']:28} {_fmt(f['median']):>10} {f['unit']:8} {spread}"
     if "ratio" in f:
         text += f"  {f['ratio']:.2f}x {f['baseline']}"
         if "target" in f:

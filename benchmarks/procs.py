@@ -28,9 +28,8 @@ class Child:
             if self.proc.stderr is not None:
                 with contextlib.suppress(TimeoutError):
                     err = await asyncio.wait_for(self.proc.stderr.read(), 5)
-            raise RuntimeError(
-                f"benchmark worker {self.role} exited early:\n{err.decode(errors='replace')[-3000:]}"
-            )
+            tail = err.decode(errors="replace")[-3000:]
+            raise RuntimeError(f"benchmark worker {self.role} exited early:\n{tail}")
         return json.loads(raw)  # type: ignore[no-any-return]
 
     def go(self) -> None:

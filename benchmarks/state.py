@@ -98,8 +98,10 @@ async def state_benchmark(report: Report, s: Settings, t: Target, db: dgen.Datab
                     st = running.stats
                     txs = max(1, st.transactions - tx0)
                     per_tx[whole].append(
-                        ((st.state_bytes_written - first[0]) / txs,
-                         (st.state_keys_written - first[1]) / txs)  # fmt: skip
+                        (
+                            (st.state_bytes_written - first[0]) / txs,
+                            (st.state_keys_written - first[1]) / txs,
+                        )
                     )
                 rates[whole].append(n / elapsed)
         inc_bytes = [b for b, _ in per_tx[False]]
