@@ -23,12 +23,6 @@ from dgen.keys import pack, range_of
 # (backend, test) -> reason. Strict xfail: once the backend is fixed the test
 # passes, the run fails, and the entry must go.
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ("sqlite", "test_commits_survive_connections_coming_and_going"): (
-        "dgen/backends/sqlite.py _check_file() opens and closes the database file with "
-        "Python's open(); closing it drops every POSIX lock this process holds on the "
-        "file, so another process's last close deletes the live WAL (lost commits, "
-        "'database disk image is malformed')"
-    ),
 }
 
 

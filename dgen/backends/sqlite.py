@@ -50,7 +50,6 @@ __all__ = ["SQLiteDatabase", "open_database"]
 
 T = TypeVar("T")
 SCHEMA_VERSION = 1
-_HEADER = b"SQLite format 3\x00"
 _SYNCHRONOUS = ("off", "normal", "full", "extra")
 _OPTIONS = ("synchronous", "busy_timeout", "poll_interval", "pool_size")
 _BUSY = {5, 6, 517, 261, 262}  # BUSY, LOCKED, BUSY_SNAPSHOT, BUSY_RECOVERY, LOCKED_SHAREDCACHE
@@ -69,6 +68,8 @@ def _map_error(exc: sqlite3.Error, path: Path, committing: bool = False) -> Stor
     code = getattr(exc, "sqlite_errorcode", None)
     if code in _BUSY or (code is None and "locked" in str(exc)):
         return ConflictError(f"SQLite store {path} is busy: {exc}")
+    if code == 26:  # SQLITE_NOTADB
+        return UnavailableError(f"{path} exists but is not an SQLite database")
     if code == 18:  # SQLITE_TOOBIG
         return ValueTooLargeError(f"SQLite refused a value as too big: {exc}")
     if committing and code is not None and code & 0xFF == 10:  # SQLITE_IOERR during COMMIT
@@ -96,16 +97,22 @@ class _Connection:
         self._setup = (synchronous, busy_timeout)
 
     def open(self) -> sqlite3.Connection:
+        """The connection; the first call (made on the thread by the pool, as
+        switching to WAL may wait for other processes) opens it."""
         if self._sql is None:
-            # timeout=0: inline calls must never sleep in SQLite's busy handler.
             sql = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=0
+                self.path, isolation_level=None, check_same_thread=False, timeout=self._setup[1]
             )
-            mode = sql.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if mode != "wal":
+            try:
+                mode = sql.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if mode != "wal":
+                    raise UnavailableError(f"cannot switch {self.path} to WAL mode (got {mode!r})")
+                sql.execute(f"PRAGMA synchronous={self._setup[0]}")
+                # Inline calls on the event loop must never sleep in the busy handler.
+                sql.execute("PRAGMA busy_timeout=0")
+            except BaseException:
                 sql.close()
-                raise UnavailableError(f"cannot switch {self.path} to WAL mode (got {mode!r})")
-            sql.execute(f"PRAGMA synchronous={self._setup[0]}")
+                raise
             self._sql = sql
         return self._sql
 
@@ -372,7 +379,16 @@ class SQLiteDatabase(Database):
         await self._pool_slots.acquire()
         if self._idle:
             return self._idle.pop()
-        return _Connection(self.path, self.synchronous, self.busy_timeout)
+        conn = _Connection(self.path, self.synchronous, self.busy_timeout)
+        try:
+            await conn.run(lambda sql: None)  # open it on its thread
+        except BaseException as exc:
+            conn.close()
+            self._pool_slots.release()
+            if isinstance(exc, sqlite3.Error):
+                raise _map_error(exc, self.path) from None
+            raise
+        return conn
 
     def _give_back(self, conn: _Connection, broken: bool = False) -> None:
         if broken or self._closed:
@@ -462,16 +478,16 @@ def _check_file(path: Path, url: URL) -> None:
         raise UnavailableError(f"directory {directory} does not exist{hint}")
     if path.is_dir():
         raise UnavailableError(f"{path} is a directory, not a database file")
-    if path.exists():
-        if not os.access(path, os.R_OK | os.W_OK):
-            raise UnavailableError(
-                f"{path} is not readable and writable by this process; DGen needs write "
-                "access to commit (check the file's permissions and owner)"
-            )
-        with path.open("rb") as f:
-            header = f.read(16)
-        if header and header != _HEADER:
-            raise UnavailableError(f"{path} exists but is not an SQLite database")
+    # Never open the file from Python to check its header: closing any
+    # descriptor of it drops every POSIX lock this process holds on it,
+    # including those of live SQLite connections (another process may then
+    # checkpoint and delete the WAL under them). SQLite reports a foreign
+    # file itself (SQLITE_NOTADB), mapped in _map_error.
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        raise UnavailableError(
+            f"{path} is not readable and writable by this process; DGen needs write "
+            "access to commit (check the file's permissions and owner)"
+        )
     if not os.access(directory, os.W_OK | os.X_OK):
         raise UnavailableError(
             f"directory {directory} is not writable; SQLite needs to create {path.name}-wal "
@@ -511,7 +527,8 @@ def _setup_schema(sql: sqlite3.Connection, path: Path) -> None:
         )
         sql.execute("COMMIT")
     except BaseException:
-        sql.execute("ROLLBACK")
+        if sql.in_transaction:
+            sql.execute("ROLLBACK")
         raise
 
 
