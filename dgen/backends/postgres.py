@@ -27,8 +27,8 @@ import contextlib
 import hashlib
 import logging
 import secrets
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import psycopg
 import psycopg.errors
@@ -52,6 +52,7 @@ from dgen.urls import URL, URLError
 __all__ = ["SCHEMA_VERSION", "PostgresDatabase", "open_database"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 """Version of the tables this module creates; stored in ``dgen_meta``."""
@@ -154,6 +155,62 @@ BEGIN
     END LOOP;
     RETURN r;
 END $$;
+CREATE OR REPLACE FUNCTION {s}.dgen_commit(
+    read_version bigint, rb bytea[], re bytea[],
+    cb bytea[], ce bytea[], ck bytea[], sk bytea[], sv bytea[],
+    ak bytea[], ad numeric[], tk bytea[], toff int[], tv bytea[],
+    log_window bigint, prune_every bigint
+) RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    v bigint;
+    p bigint;
+    stamp bytea;
+BEGIN
+    -- The clock row's lock serializes committers of this store until COMMIT.
+    UPDATE {s}.dgen_clock SET version = version + 1 WHERE id = 1 RETURNING version, pruned
+        INTO v, p;
+    IF cardinality(rb) > 0 THEN
+        IF read_version < p THEN
+            RAISE EXCEPTION 'dgen: the transaction stayed open while more than % commits landed',
+                log_window USING ERRCODE = '40001';
+        END IF;
+        IF EXISTS (
+            SELECT 1 FROM {s}.dgen_log AS l
+            JOIN unnest(rb, re) AS r(b, e) ON l.rbegin < r.e AND l.rend > r.b
+            WHERE l.version > read_version
+        ) THEN
+            RAISE EXCEPTION 'dgen: a key this transaction read was changed by another'
+                USING ERRCODE = '40001';
+        END IF;
+    END IF;
+    DELETE FROM {s}.dgen_kv AS kv USING unnest(cb, ce) AS r(b, e)
+        WHERE kv.key >= r.b AND kv.key < r.e;
+    DELETE FROM {s}.dgen_kv WHERE key = ANY(ck);
+    INSERT INTO {s}.dgen_kv SELECT * FROM unnest(sk, sv)
+        ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
+    FOR i IN 1 .. coalesce(cardinality(ak), 0) LOOP
+        INSERT INTO {s}.dgen_kv VALUES (ak[i], {s}.dgen_add(NULL, ad[i]))
+            ON CONFLICT (key) DO UPDATE SET value = {s}.dgen_add({s}.dgen_kv.value, ad[i]);
+    END LOOP;
+    stamp := int8send(v) || '\\x0000'::bytea;
+    INSERT INTO {s}.dgen_kv
+        SELECT overlay(k PLACING stamp FROM o + 1 FOR 10), val
+        FROM unnest(tk, toff, tv) AS t(k, o, val)
+        ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
+    INSERT INTO {s}.dgen_log
+        SELECT v, b, e FROM unnest(cb, ce) AS r(b, e)
+        UNION ALL
+        SELECT v, k, k || '\\x00'::bytea FROM unnest(ck || sk || ak) AS k
+        UNION ALL
+        SELECT v, f, f || '\\x00'::bytea FROM (
+            SELECT overlay(k PLACING stamp FROM o + 1 FOR 10) FROM unnest(tk, toff) AS t(k, o)
+        ) AS s(f);
+    IF v % prune_every = 0 AND v > log_window THEN
+        DELETE FROM {s}.dgen_log WHERE version <= v - log_window;
+        UPDATE {s}.dgen_clock SET pruned = v - log_window WHERE id = 1;
+    END IF;
+    RETURN v;
+END $$;
 INSERT INTO {s}.dgen_meta VALUES ('schema_version', '1') ON CONFLICT DO NOTHING;
 """
 
@@ -177,22 +234,13 @@ class _SQL:
         # One round trip: a snapshot and the commit version it reflects.
         self.begin_read = q(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; "
-            "SELECT version, pruned FROM {s}.dgen_clock"
+            "SELECT version, pruned FROM {s}.dgen_clock WHERE id = 1"
         )
-        # The clock row's lock serializes committers of this store until COMMIT.
-        self.begin_write = q(
-            "BEGIN ISOLATION LEVEL READ COMMITTED; "
-            "UPDATE {s}.dgen_clock SET version = version + 1 RETURNING version, pruned"
+        self.commit = q(
+            "SELECT {s}.dgen_commit(%s, %s::bytea[], %s::bytea[], %s::bytea[], %s::bytea[], "
+            "%s::bytea[], %s::bytea[], %s::bytea[], %s::bytea[], %s::numeric[], %s::bytea[], "
+            "%s::int[], %s::bytea[], %s, %s)"
         )
-        self.begin_write_after_read = "ROLLBACK; " + self.begin_write
-        self.validate = q(
-            "SELECT 1 FROM {s}.dgen_log AS l "
-            "JOIN unnest(%s::bytea[], %s::bytea[]) AS r(b, e) ON l.rbegin < r.e AND l.rend > r.b "
-            "WHERE l.version > %s LIMIT 1"
-        )
-        self.log = q("INSERT INTO {s}.dgen_log VALUES (%s, %s, %s)")
-        self.prune_log = q("DELETE FROM {s}.dgen_log WHERE version <= %s")
-        self.prune_mark = q("UPDATE {s}.dgen_clock SET pruned = %s")
         self.get = q("SELECT value FROM {s}.dgen_kv WHERE key = %s")
         self.get_many = q("SELECT key, value FROM {s}.dgen_kv WHERE key = ANY(%s)")
         rng = "SELECT key, value FROM {s}.dgen_kv WHERE key >= %s AND key < %s ORDER BY key"
@@ -227,24 +275,6 @@ def _merge(ranges: Iterable[tuple[bytes, bytes]]) -> tuple[list[bytes], list[byt
 # -- transactions -------------------------------------------------------------
 
 
-async def _last_row(conn: psycopg.AsyncConnection[Any], statements: str) -> tuple[int, int]:
-    """Run several statements in one round trip; the last one's first row."""
-    cur = await conn.execute(statements)
-    while cur.description is None:
-        if not cur.nextset():
-            raise AssertionError(f"no rows from {statements!r}")
-    row = await cur.fetchone()
-    assert row is not None
-    return int(row[0]), int(row[1])
-
-
-async def _execute_many(
-    conn: psycopg.AsyncConnection[Any], query: str, params: Iterable[Sequence[object]]
-) -> None:
-    async with conn.cursor() as cur:
-        await cur.executemany(query, params)
-
-
 class PostgresTransaction(BufferedTransaction):
     """Reads on a REPEATABLE READ snapshot; at commit, a READ COMMITTED
     transaction that holds the store's clock row validates the read ranges
@@ -257,34 +287,39 @@ class PostgresTransaction(BufferedTransaction):
         self._open_tx = False
         self._read_version = 0
 
-    async def _checkout(self, statement: str) -> tuple[int, int]:
-        """Take a pooled connection and run ``statement`` (a BEGIN and a clock
-        query). A pooled connection may have died with a server restart;
-        nothing has happened yet when the first statement fails, so try
-        fresh ones."""
+    async def _checkout(self, first: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
+        """Take a pooled connection and run ``first`` (its first round trip).
+
+        A pooled connection may have died with a server restart; nothing has
+        happened yet when the first round trip fails, so try fresh ones.
+        """
         db = self._db
         for attempt in range(db.pool_size + 1):
             with _errors(db.url):
                 conn: psycopg.AsyncConnection[Any] = await db.pool.getconn()
+            self._conn, self._open_tx = conn, True
             try:
-                versions = await _last_row(conn, statement)
+                return await first(conn)
             except psycopg.OperationalError as exc:
-                await db.pool.putconn(conn)
                 if attempt == db.pool_size or not conn.closed:
                     raise _map_error(exc, db.url) from exc
-                continue
-            except BaseException as exc:
+                self._conn, self._open_tx = None, False
                 await db.pool.putconn(conn)
-                if isinstance(exc, psycopg.Error):
-                    raise _map_error(exc, db.url) from exc
-                raise
-            self._conn, self._open_tx = conn, True
-            return versions
+            except psycopg.Error as exc:
+                raise _map_error(exc, db.url) from exc
         raise AssertionError("unreachable")
+
+    async def _begin_read(self, conn: psycopg.AsyncConnection[Any]) -> int:
+        cur = await conn.execute(self._db.sql.begin_read)
+        while cur.description is None:
+            cur.nextset()
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is None:
-            self._read_version, _ = await self._checkout(self._db.sql.begin_read)
+            self._read_version = await self._checkout(self._begin_read)
         assert self._conn is not None
         return self._conn
 
@@ -311,58 +346,69 @@ class PostgresTransaction(BufferedTransaction):
         return [(bytes(k), bytes(v)) for k, v in rows]
 
     async def _apply(self) -> bytes | None:
-        buf, q, db = self.buffer, self._db.sql, self._db
+        buf = self.buffer
         if buf.is_empty():
             return None  # a snapshot read needs no validation (as in FoundationDB)
+        clears: list[bytes] = []
+        set_keys: list[bytes] = []
+        set_values: list[bytes] = []
+        add_keys: list[bytes] = []
+        add_deltas: list[int] = []
+        for key, op in buf.points.items():
+            if op.kind == CLEAR:
+                clears.append(key)
+            elif op.kind == ADD:
+                add_keys.append(key)
+                add_deltas.append(op.delta % (1 << 64))
+            else:
+                set_keys.append(key)
+                set_values.append(op.value)
         read = self._conn is not None
+        begins, ends = _merge(self.read_ranges) if read else ([], [])
+        params = (
+            self._read_version, begins, ends,
+            [b for b, _ in buf.cleared], [e for _, e in buf.cleared],
+            clears, set_keys, set_values, add_keys, add_deltas,
+            [k for k, _, _ in buf.stamped], [o for _, o, _ in buf.stamped],
+            [v for _, _, v in buf.stamped],
+            LOG_WINDOW, _PRUNE_EVERY,
+        )  # fmt: skip
+
+        # Never prepared: psycopg loses track of a PREPARE queued in a
+        # pipeline that dgen_commit aborts with a conflict.
+        async def validate_and_apply(conn: psycopg.AsyncConnection[Any]) -> int:
+            async with conn.pipeline():
+                await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED", prepare=False)
+                cur = await conn.execute(self._db.sql.commit, params, prepare=False)
+            row = await cur.fetchone()
+            assert row is not None
+            return int(row[0])
+
         if read:
+            # The reads just proved the connection alive: one round trip that
+            # ends the snapshot, validates, applies and commits.
             conn = self._conn
             assert conn is not None
-            with _errors(db.url):
-                version, pruned = await _last_row(conn, q.begin_write_after_read)
+            try:
+                async with conn.pipeline():
+                    await conn.execute("ROLLBACK", prepare=False)
+                    await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED", prepare=False)
+                    cur = await conn.execute(self._db.sql.commit, params, prepare=False)
+                    await conn.execute("COMMIT", prepare=False)
+            except psycopg.Error as exc:
+                lost = isinstance(exc, psycopg.OperationalError)
+                raise _map_error(exc, self._db.url, committing=lost) from exc
+            self._open_tx = False
+            row = await cur.fetchone()
+            assert row is not None
+            version = int(row[0])
         else:
-            version, pruned = await self._checkout(q.begin_write)
-            conn = self._conn
-            assert conn is not None
+            version = await self._checkout(validate_and_apply)
+            await self._commit()
+        written = [*clears, *set_keys, *add_keys]
         stamp = version.to_bytes(8, "big") + b"\x00\x00"
-        written: list[tuple[bytes, bytes]] = list(buf.cleared)
-        with _errors(db.url):
-            if read and self.read_ranges:
-                if self._read_version < pruned:
-                    raise ConflictError(
-                        f"the transaction stayed open while more than {LOG_WINDOW} "
-                        "commits landed; retry it"
-                    )
-                begins, ends = _merge(self.read_ranges)
-                cur = await conn.execute(q.validate, (begins, ends, self._read_version))
-                if await cur.fetchone() is not None:
-                    raise ConflictError("a key this transaction read was changed by another")
-            if buf.cleared:
-                await _execute_many(conn, q.clear_range, buf.cleared)
-            sets, clears, adds = [], [], []
-            for key, op in buf.points.items():
-                written.append((key, key + b"\x00"))
-                if op.kind == CLEAR:
-                    clears.append((key,))
-                elif op.kind == ADD:
-                    delta = op.delta % (1 << 64)
-                    adds.append((key, delta, delta))
-                else:
-                    sets.append((key, op.value))
-            for k, o, v in buf.stamped:
-                final = k[:o] + stamp + k[o + 10 :]
-                sets.append((final, v))
-                written.append((final, final + b"\x00"))
-            for query, params in ((q.clear, clears), (q.set, sets), (q.add, adds)):
-                if params:
-                    await _execute_many(conn, query, params)
-            await _execute_many(conn, q.log, [(version, b, e) for b, e in written])
-            if version % _PRUNE_EVERY == 0 and version > LOG_WINDOW:
-                horizon = version - LOG_WINDOW
-                await conn.execute(q.prune_log, (horizon,))
-                await conn.execute(q.prune_mark, (horizon,))
-        await self._commit()
-        db.watches.committed([b for b, _ in written], whole=bool(buf.cleared))
+        written += [k[:o] + stamp + k[o + 10 :] for k, o, _ in buf.stamped]
+        self._db.watches.committed(written, whole=bool(buf.cleared))
         return stamp
 
     async def _commit(self) -> None:
@@ -381,7 +427,7 @@ class PostgresTransaction(BufferedTransaction):
         try:
             if self._open_tx and not conn.closed:
                 with contextlib.suppress(psycopg.Error):
-                    await conn.execute("ROLLBACK")
+                    await conn.execute("ROLLBACK", prepare=False)
         finally:
             self._open_tx = False
             await self._db.pool.putconn(conn)
@@ -642,10 +688,9 @@ def _parse(url: URL) -> tuple[str, str, int, float, int]:
         "sslmode": options.get("sslmode"),
         "application_name": options.get("application_name", "dgen"),
         "connect_timeout": timeout,
-        # Forcing index scans keeps SSI's predicate locks on index pages:
-        # a sequential scan locks the whole table and makes every writer
-        # conflict with every reader.
-        "options": f"-c synchronous_commit={sync} -c enable_seqscan=off -c enable_bitmapscan=off",
+        # JIT compiling costs tens of milliseconds and never pays off for
+        # DGen's one-row statements.
+        "options": f"-c synchronous_commit={sync} -c jit=off",
     }
     conninfo = psycopg.conninfo.make_conninfo(
         **{k: str(v) for k, v in params.items() if v is not None}
