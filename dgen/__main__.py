@@ -1,19 +1,11 @@
-"""``python -m dgen demo``: run the quickstart demo (see :mod:`dgen.demo`)."""
+"""``python -m dgen``: the ``dgen`` command (see :mod:`dgen.cli`), e.g.
+``python -m dgen demo`` runs the quickstart demo."""
 
 from __future__ import annotations
 
 import sys
 
-from dgen import demo
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] != "demo":
-        print("usage: python -m dgen demo [--help]", file=sys.stderr)
-        return 2
-    return demo.main(args[1:])
-
+from dgen.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())
