@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-# Backends every runtime and conformance test runs on. PostgreSQL joins once
-# its adapter lands (issue 4); it must then run, not skip, under CI=true.
-BACKENDS = ["memory", "sqlite"]
+# Backends every runtime and conformance test runs on. PostgreSQL must run,
+# not skip, under CI=true (see the postgres_server fixture).
+BACKENDS = ["memory", "sqlite", "postgresql"]
 
 
 @pytest.fixture
