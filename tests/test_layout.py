@@ -256,7 +256,8 @@ states = st.recursive(
 
 
 async def write_and_read(url: str, sequence: list[Any]) -> None:
-    lay = StateLayout(PREFIX, 100_000)
+    # A fresh prefix per example: hypothesis reuses the function-scoped store.
+    lay = StateLayout(keys.pack(("dgen", uuid.uuid4().hex, "s")), 100_000)
     async with dgen.connect(url) as db:
         flat: Flat | None = None
         for state in sequence:
@@ -281,9 +282,6 @@ async def write_and_read(url: str, sequence: list[Any]) -> None:
 )
 @given(sequence=st.lists(states, min_size=1, max_size=6))
 def test_read_back_equals_last_state_written(store_url: str, sequence: list[Any]) -> None:
-    if store_url.startswith("sqlite"):  # hypothesis seeds ``random``, so use uuid4
-        # One file per example: hypothesis reuses the function-scoped fixture.
-        store_url = store_url.replace("store.db", f"{uuid.uuid4().hex}.db")
     asyncio.run(write_and_read(store_url, sequence))
 
 
