@@ -9,6 +9,7 @@ watch safety nets (listener reconnect, fallback poll).
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import threading
@@ -485,3 +486,115 @@ async def test_local_commit_wakes_local_watch_and_counter_adds_commute(url: str)
         await asyncio.gather(*(db.run(_add(b"n", 1)) for _ in range(20)))
         await asyncio.wait_for(watch, WAIT)
         assert decode_counter(await db.run(_get(b"n"))) == 20
+
+
+# -- fault: the server stops and restarts under load ---------------------------
+
+WORKER = os.path.join(os.path.dirname(__file__), "runtime_worker.py")
+
+_RETRYING_PRODUCER = """
+import asyncio, sys
+import dgen
+from dgen.store import CommitUnknownError, UnavailableError
+
+async def main(url, tenant, name, count):
+    async with dgen.connect(url) as db:
+        handle = dgen.handle(db, tenant)
+        i = 0
+        while i < count:
+            message_id = f"{name}-{i}"
+            try:
+                await handle.cast({"id": message_id})
+            except UnavailableError as exc:
+                print(f"unavailable {message_id}", flush=True)  # nothing committed: retry it
+                await asyncio.sleep(0.1)
+                continue
+            except CommitUnknownError:
+                print(f"unknown {message_id}", flush=True)  # may be applied: move on
+                i += 1
+                continue
+            print(f"ack {message_id}", flush=True)
+            i += 1
+            await asyncio.sleep(0.01)
+    print("done", flush=True)
+
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])))
+"""
+
+
+async def _lines(proc: asyncio.subprocess.Process, into: list[str]) -> None:
+    assert proc.stdout is not None
+    async for raw in proc.stdout:
+        into.append(raw.decode().strip())
+
+
+async def test_server_restart_during_casts_loses_nothing_and_applies_nothing_twice(
+    tmp_path: Any,
+) -> None:
+    """Issue 4 item 7: stop and restart the server under a stream of casts from
+    three producer processes, with two consumer processes running."""
+    cluster = await asyncio.to_thread(start_cluster)
+    spawned: list[asyncio.subprocess.Process] = []
+    try:
+        url = schema_url(cluster.url, "fault") + "&connect_timeout=2"
+        tenant, per_producer = "fault", 60
+
+        async def spawn(*argv: str) -> tuple[asyncio.subprocess.Process, list[str]]:
+            # stderr to a file: a full pipe would block a worker logging retries.
+            with open(tmp_path / f"stderr-{len(spawned)}", "w") as err:  # noqa: ASYNC230
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, *argv, stdout=asyncio.subprocess.PIPE, stderr=err
+                )
+            spawned.append(proc)
+            lines: list[str] = []
+            readers.append(asyncio.ensure_future(_lines(proc, lines)))
+            return proc, lines
+
+        readers: list[asyncio.Future[None]] = []
+        consumers = [await spawn(WORKER, "consumer", url, tenant, "--batch", "4") for _ in range(2)]
+        producers = [
+            await spawn("-c", _RETRYING_PRODUCER, url, tenant, f"p{n}", str(per_producer))
+            for n in range(3)
+        ]
+        acked = lambda: sum(ln.startswith("ack ") for _, lines in producers for ln in lines)  # noqa: E731
+        async with asyncio.timeout(WAIT):
+            while acked() < 30:  # noqa: ASYNC110 (counting another task's lines)
+                await asyncio.sleep(0.05)
+        await asyncio.to_thread(cluster.stop, "fast")
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(cluster.start)
+        async with asyncio.timeout(WAIT * 3):
+            codes = [await p.wait() for p, _ in producers]
+        assert codes == [0, 0, 0]
+        lines = [ln for _, out in producers for ln in out]
+        acks = [ln.split()[1] for ln in lines if ln.startswith("ack ")]
+        unknown = [ln.split()[1] for ln in lines if ln.startswith("unknown ")]
+        assert len(acks) + len(unknown) == 3 * per_producer
+        assert any(ln.startswith(("unavailable ", "unknown ")) for ln in lines), (
+            "the restart went unnoticed by every producer; the test proved nothing"
+        )
+        died = [n for n, (proc, _) in enumerate(consumers) if proc.returncode is not None]
+        for _ in died:  # so that the data can still be checked
+            await spawn(WORKER, "consumer", url, tenant, "--batch", "4")
+        async with dgen.connect(url) as db:
+            state = await dgen.handle(db, tenant).call("get", timeout=WAIT * 2)
+        applied: list[str] = state["applied"]
+        duplicates = sorted({m for m in applied if applied.count(m) > 1})
+        assert not duplicates, f"applied twice: {duplicates[:10]}"
+        lost = sorted(set(acks) - set(applied))
+        assert not lost, f"acknowledged but lost: {lost[:10]}"
+        assert set(applied) <= set(acks) | set(unknown)
+        if died:
+            # Resuming after an outage is the runtime's job (issue 3); the
+            # adapter's part is a clear error, quoted here.
+            last = (tmp_path / f"stderr-{died[0]}").read_text().strip().splitlines()[-1:]
+            pytest.xfail(
+                f"{len(died)} of 2 consumer processes exited during the restart instead of "
+                f"resuming by themselves: {last}"
+            )
+    finally:
+        for proc in spawned:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+        await asyncio.to_thread(cluster.destroy)
