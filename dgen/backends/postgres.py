@@ -1,23 +1,20 @@
 """``postgresql://``: the backend for several processes or machines sharing one server.
 
-Every transaction is a PostgreSQL SERIALIZABLE transaction on a pooled
-connection (psycopg 3, psycopg_pool); PostgreSQL's own conflict detection
-(SSI) replaces FoundationDB's read-conflict ranges. Keys and values live in
-``dgen_kv`` in the URL's schema. docs/postgres.md explains the choices below.
+FoundationDB's optimistic concurrency, done by DGen over psycopg 3 and
+psycopg_pool, because PostgreSQL's SERIALIZABLE tracks reads per index page
+and aborts transactions FoundationDB commits (docs/postgres.md):
 
-* Ordered-commit stamps: the committing transaction locks one row per
-  prefix in ``dgen_stamps`` (lock only, no update, so concurrent writers of a
-  prefix wait instead of aborting) and then takes ``nextval`` of a global
-  sequence. The lock is held until commit, so for one prefix the sequence
-  values follow commit order and every key with a smaller stamp is visible
-  before a larger one.
-* Watches: after commit, a per-database notifier sends one coalesced
-  ``pg_notify`` with short hashes of the written keys (never inside the
-  writing transaction, where it would take a cluster-wide lock). A listener
-  connection re-checks matching watches; every watch fires after the
-  listener reconnects; a fallback poll re-reads all watched keys every
-  ``watch_poll_interval`` seconds, so no change is missed even when a
-  notification is.
+* reads run on a REPEATABLE READ snapshot that also reads the store's commit
+  counter ``dgen_clock.version``; read ranges are recorded exactly;
+* commit calls ``dgen_commit`` in a READ COMMITTED transaction: it increments
+  the counter (the row lock serializes the store's commits until COMMIT),
+  raises SQLSTATE 40001 if ``dgen_log`` holds a write newer than the snapshot
+  inside a read range, applies the writes and logs their ranges;
+* the counter is the commit stamp: ordered-commit keys follow commit order;
+* watches: after commit, one coalesced ``pg_notify`` per batch (never inside
+  the writing transaction, where it would take a cluster-wide lock), a
+  listener that re-checks matching watches and fires all of them after a
+  reconnect, and a fallback poll of every watched key.
 """
 
 from __future__ import annotations
@@ -130,7 +127,9 @@ CREATE TABLE IF NOT EXISTS {s}.dgen_clock (
     pruned bigint NOT NULL
 );
 INSERT INTO {s}.dgen_clock VALUES (1, 0, 0) ON CONFLICT DO NOTHING;
-CREATE TABLE IF NOT EXISTS {s}.dgen_log (
+-- Unlogged: a server crash empties it, and ends every transaction whose
+-- snapshot it could still have to validate.
+CREATE UNLOGGED TABLE IF NOT EXISTS {s}.dgen_log (
     version bigint NOT NULL,
     rbegin bytea NOT NULL,
     rend bytea NOT NULL
@@ -248,16 +247,6 @@ class _SQL:
         self.range_limit = q(rng + " LIMIT %s")
         self.range_rev = q(rng + " DESC")
         self.range_rev_limit = q(rng + " DESC LIMIT %s")
-        self.clear_range = q("DELETE FROM {s}.dgen_kv WHERE key >= %s AND key < %s")
-        self.clear = q("DELETE FROM {s}.dgen_kv WHERE key = %s")
-        self.set = q(
-            "INSERT INTO {s}.dgen_kv VALUES (%s, %s) "
-            "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
-        )
-        self.add = q(
-            "INSERT INTO {s}.dgen_kv VALUES (%s, {s}.dgen_add(NULL, %s)) "
-            "ON CONFLICT (key) DO UPDATE SET value = {s}.dgen_add({s}.dgen_kv.value, %s)"
-        )
 
 
 def _merge(ranges: Iterable[tuple[bytes, bytes]]) -> tuple[list[bytes], list[bytes]]:
