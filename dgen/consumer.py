@@ -470,13 +470,14 @@ class Consumer:
         current = await self._load_state(tr)
         if current is None:
             raise RuntimeError(f"tenant {self.tenant!r} has no state (was it deleted?)")
-        messages = await read_head(tr, self.keys, self._batch_limit or self.batch_size)
+        # A probe reads only the head: a short read does not conflict with producers.
+        limit = 1 if self._probing else self._batch_limit or self.batch_size
+        messages = await read_head(tr, self.keys, limit)
         if not messages:
             return _Wait(tr.watch(self.keys.push))
-        if self._probing:
-            if messages[0].stamp != self._counted:
-                return await self._probe(tr, current, messages[0])
-            messages = messages[:1]  # run the suspect alone, so a crash is its own
+        if self._probing and messages[0].stamp != self._counted:
+            # (Once counted, the suspect runs alone, limit 1: a crash is its own.)
+            return await self._probe(tr, current, messages[0])
         return await self._handle_batch(tr, current, messages)
 
     async def _handle_batch(
@@ -778,7 +779,12 @@ class Consumer:
         while True:
             await asyncio.sleep(self.lease / 3)
             if not await self.db.run(renew):
-                log.warning("lost the lock of tenant %r to another consumer", self.tenant)
+                log.warning(
+                    "lost the lock of tenant %r (message %s) to another consumer",
+                    self.tenant,
+                    record.stamp.hex(),
+                    extra=self._log_fields("lock_lost", record.stamp.hex()),
+                )
                 return
 
     @staticmethod
@@ -861,6 +867,7 @@ class Consumer:
                 "taken over by another consumer after this one's lease expired",
                 self.tenant,
                 message_id,
+                extra=self._log_fields("locked_result_discarded", message_id),
             )
             self._set_cache(None)
             return None
