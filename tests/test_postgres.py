@@ -598,3 +598,16 @@ async def test_server_restart_during_casts_loses_nothing_and_applies_nothing_twi
                 proc.kill()
             await proc.wait()
         await asyncio.to_thread(cluster.destroy)
+
+
+async def test_a_dropped_transaction_gives_its_connection_back(url: str) -> None:
+    import gc
+
+    async with dgen.connect(url + "&pool_size=1&connect_timeout=5") as db:
+        tr = db.create_transaction()
+        await tr.get(b"k")  # holds the only pooled connection, in a snapshot
+        del tr
+        gc.collect()
+        # With the connection leaked this would time out (UnavailableError).
+        await db.run(_set(b"k", b"v"))
+        assert await db.run(_get(b"k")) == b"v"

@@ -409,6 +409,15 @@ class PostgresTransaction(BufferedTransaction):
     def _register_watch(self, watch: Watch, baseline: object) -> None:
         self._db.watches.add(watch, baseline)
 
+    def __del__(self) -> None:
+        # Dropped without commit or rollback: give the connection back, or it
+        # stays checked out with an open snapshot that holds back VACUUM.
+        if self._conn is None:
+            return
+        loop = self._db.loop
+        with contextlib.suppress(RuntimeError):  # the loop is closed
+            loop.call_soon_threadsafe(self._db.release_later, self._conn, self._open_tx)
+
     async def _release(self) -> None:
         conn, self._conn = self._conn, None
         if conn is None:
@@ -622,7 +631,25 @@ class PostgresDatabase(Database):
         self.pool = pool
         self.pool_size = pool_size
         self.watches = _Watches(self, poll_interval)
+        self.loop = asyncio.get_running_loop()
+        self._releases: set[asyncio.Task[None]] = set()
         self._closed = False
+
+    def release_later(self, conn: psycopg.AsyncConnection[Any], open_tx: bool) -> None:
+        """Return the connection of a transaction that was garbage-collected."""
+
+        async def release() -> None:
+            try:
+                if open_tx and not conn.closed:
+                    with contextlib.suppress(psycopg.Error):
+                        await conn.execute("ROLLBACK", prepare=False)
+            finally:
+                await self.pool.putconn(conn)
+
+        if not self._closed:
+            task = asyncio.ensure_future(release())
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
 
     def create_transaction(self) -> PostgresTransaction:
         if self._closed:
@@ -634,6 +661,8 @@ class PostgresDatabase(Database):
             return
         self._closed = True
         await self.watches.stop()
+        if self._releases:
+            await asyncio.wait(self._releases, timeout=5.0)
         await self.pool.close()
 
     def __repr__(self) -> str:
