@@ -300,8 +300,9 @@ class PostgresTransaction(BufferedTransaction):
 
     async def _begin_read(self, conn: psycopg.AsyncConnection[Any]) -> int:
         cur = await conn.execute(self._db.sql.begin_read)
-        while cur.description is None:
-            cur.nextset()
+        while cur.description is None:  # skip BEGIN's result
+            if not cur.nextset():
+                raise StoreError("PostgreSQL returned no commit version")
         row = await cur.fetchone()
         assert row is not None
         return int(row[0])
