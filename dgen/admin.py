@@ -252,9 +252,16 @@ def _queued(tr_message: Message, attempts: bytes | None, waiting: bool) -> Queue
 
 
 async def _describe_messages(tr: Transaction, keys: TenantKeys, messages: list[Message]) -> Any:
+    if not messages:
+        return []
+    # Attempt records are rare: one range read finds those of the whole page.
+    begin = keys.attempts(messages[0].stamp)
+    end = keys.attempts_through(messages[-1].stamp)
+    found = {k for k, _ in await tr.get_range(begin, end) if len(k) == len(begin)}
     out = []
     for m in messages:
-        attempts = await read_blob(tr, keys.attempts(m.stamp))
+        key = keys.attempts(m.stamp)
+        attempts = await read_blob(tr, key) if key in found else None
         # b"" while the caller waits; gone once it gave up.
         slot = await tr.get(m.reply_slot) if m.reply_slot is not None else None
         out.append(_queued(m, attempts, slot == b""))

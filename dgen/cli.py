@@ -198,6 +198,9 @@ async def _inspect(db: Database, args: argparse.Namespace, out: TextIO) -> int:
 
 async def _queue_list(db: Database, args: argparse.Namespace, out: TextIO) -> int:
     rows = await admin.list_queue(db, args.tenant, limit=args.limit)
+    if len(rows) == args.limit:
+        note = f"dgen: showing the first {args.limit} messages (--limit N for more)"
+        print(note, file=sys.stderr)
     if args.json:
         _emit_json([_message_dict(m) for m in rows], out)
         return EXIT_OK
@@ -457,7 +460,9 @@ def _parser() -> argparse.ArgumentParser:
     queue = sub.add_parser("queue", help="list or delete queued messages", epilog=_EPILOG)
     qsub = queue.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = command(qsub, "list", "list a tenant's queued messages, next to run first", _queue_list)
-    p.add_argument("--limit", type=int, metavar="N", help="show at most N messages")
+    p.add_argument(
+        "--limit", type=int, default=1000, metavar="N", help="show at most N (default 1000)"
+    )
     p = command(
         qsub,
         "delete",
