@@ -164,6 +164,7 @@ DECLARE
     v bigint;
     p bigint;
     stamp bytea;
+    conflict boolean;
 BEGIN
     -- The clock row's lock serializes committers of this store until COMMIT.
     UPDATE {s}.dgen_clock SET version = version + 1 WHERE id = 1 RETURNING version, pruned
@@ -173,11 +174,14 @@ BEGIN
             RAISE EXCEPTION 'dgen: the transaction stayed open while more than % commits landed',
                 log_window USING ERRCODE = '40001';
         END IF;
-        IF EXISTS (
-            SELECT 1 FROM {s}.dgen_log AS l
-            JOIN unnest(rb, re) AS r(b, e) ON l.rbegin < r.e AND l.rend > r.b
-            WHERE l.version > read_version
-        ) THEN
+        -- EXECUTE plans for this read_version; a cached generic plan
+        -- would scan the whole log.
+        EXECUTE format(
+            'SELECT EXISTS (SELECT 1 FROM %I.dgen_log AS l '
+            'JOIN unnest($1, $2) AS r(b, e) ON l.rbegin < r.e AND l.rend > r.b '
+            'WHERE l.version > $3)', {sl})
+            INTO conflict USING rb, re, read_version;
+        IF conflict THEN
             RAISE EXCEPTION 'dgen: a key this transaction read was changed by another'
                 USING ERRCODE = '40001';
         END IF;
@@ -205,7 +209,8 @@ BEGIN
             SELECT overlay(k PLACING stamp FROM o + 1 FOR 10) FROM unnest(tk, toff) AS t(k, o)
         ) AS s(f);
     IF v % prune_every = 0 AND v > log_window THEN
-        DELETE FROM {s}.dgen_log WHERE version <= v - log_window;
+        EXECUTE format('DELETE FROM %I.dgen_log WHERE version <= $1', {sl})
+            USING v - log_window;
         UPDATE {s}.dgen_clock SET pruned = v - log_window WHERE id = 1;
     END IF;
     RETURN v;
@@ -226,7 +231,7 @@ class _SQL:
         s = sql.Identifier(schema)
 
         def q(text: str) -> str:
-            return sql.SQL(text).format(s=s).as_string()
+            return sql.SQL(text).format(s=s, sl=sql.Literal(schema)).as_string()
 
         self.ddl = q(_DDL)
         self.version = q("SELECT value FROM {s}.dgen_meta WHERE name = 'schema_version'")
