@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import logging
 import os
@@ -613,6 +614,8 @@ class Consumer:
                     attempts,
                     time.time(),
                 )
+            else:  # the last failure that raised; later attempts were interrupted
+                error = dataclasses.replace(error, attempts=attempts, time=time.time())
             return await self._dead_letter(tr, current, head, error)
         # Records of stamps before the head belong to messages no longer queued.
         tr.clear_range(self.keys.attempts_begin, key)
@@ -632,7 +635,8 @@ class Consumer:
             if await tr.get(self.keys.message(message.stamp)) is None:
                 return None  # consumed elsewhere meanwhile: nothing to count
             attempts, _ = decode_attempts(await read_blob(tr, key))
-            attempts += 0 if counted else 1
+            # A probe already counted this attempt (unless its record was cleared).
+            attempts = max(attempts, 1) if counted else attempts + 1
             error = _describe_failure(exc, attempts)
             if attempts >= max_attempts:
                 current = await self._load_state(tr)

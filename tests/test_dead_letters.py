@@ -180,6 +180,57 @@ async def test_attempt_records_are_cleared_when_the_message_completes(db: Databa
     assert await admin.list_dead_letters(db, "r") == []
 
 
+class Hanging(dgen.DGenServer):
+    """``"poison"`` raises, or hangs until its consumer is stopped."""
+
+    max_attempts = 3
+
+    def __init__(self) -> None:
+        self.hang = False
+        self.entered = asyncio.Event()
+        self.runs = 0
+
+    def init(self, arg: Any) -> Any:
+        return []
+
+    async def handle_cast(self, message: Any, state: Any) -> Any:
+        if message == "poison":
+            self.runs += 1
+            if not self.hang:
+                raise ValueError("poison raised")
+            self.entered.set()
+            await asyncio.sleep(3600)
+        return dgen.NoReply([*state, message])
+
+    def handle_call(self, request: Any, caller: dgen.Caller, state: Any) -> Any:
+        return dgen.Reply(state, state)
+
+
+async def test_attempts_that_raised_and_attempts_interrupted_count_together(
+    db: Database,
+) -> None:
+    await dgen.handle(db, "mixed").cast_many(["poison", "after"])
+    server = Hanging()
+    with pytest.raises(ValueError, match="poison raised"):
+        async with dgen.start(server, db, "mixed"):
+            await asyncio.sleep(WAIT)
+    server.hang = True
+    for _ in range(2):  # stopped inside the handler: nothing counts these but the next start
+        server.entered.clear()
+        async with dgen.start(server, db, "mixed"):
+            await asyncio.wait_for(server.entered.wait(), WAIT)
+    async with dgen.start(server, db, "mixed") as running:
+        assert await running.call("get", timeout=WAIT) == ["after"]
+    assert server.runs == 3
+    (dead,) = await admin.list_dead_letters(db, "mixed")
+    # The last failure that raised, with every attempt counted.
+    assert (dead.error.type, dead.error.message, dead.error.attempts) == (
+        "ValueError",
+        "poison raised",
+        3,
+    )
+
+
 async def test_a_failing_dead_letter_callback_still_dead_letters(
     db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
