@@ -143,6 +143,7 @@ async def test_a_caller_of_a_dead_lettered_call_gets_a_clear_error(db: Database)
         # The consumer did not crash: later messages are handled.
         await running.cast("after")
         assert (await running.call("get", timeout=WAIT))["seen"] == ["after"]
+        assert running.stats.dead_letters == 1
     (dead,) = await admin.list_dead_letters(db, "c")
     assert (dead.kind, dead.message, dead.error.attempts) == ("call", "poison", 1)
 
@@ -447,3 +448,61 @@ async def test_a_message_that_kills_its_consumer_is_dead_lettered_after_restarts
         assert (dead.message, dead.error.type, dead.error.attempts) == ("poison", "Interrupted", 3)
         assert await state_of(db, tenant) == ["a", "b"]
         assert await attempt_keys(db, tenant) == []
+
+
+# -- operator log lines ---------------------------------------------------------------------
+
+
+class Locking(dgen.DGenServer):
+    """Casts lock; ``handle_locked`` waits for ``release``; "fail" has a failing action."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    def init(self, arg: Any) -> Any:
+        return 0
+
+    def handle_cast(self, message: Any, state: Any) -> Any:
+        if message == "fail":
+            return dgen.NoReply(state, actions=[self._boom])
+        return dgen.Lock(state)
+
+    async def handle_locked(self, kind: str, message: Any, state: Any) -> Any:
+        self.entered.set()
+        await self.release.wait()
+        return dgen.NoReply(state + 1)
+
+    def handle_call(self, request: Any, caller: dgen.Caller, state: Any) -> Any:
+        return dgen.Reply(state, state)
+
+    @staticmethod
+    def _boom(state: Any) -> None:
+        raise RuntimeError("action broke")
+
+
+async def test_takeovers_and_action_failures_log_tenant_and_message_id(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="dgen")
+    first = Locking()
+    async with dgen.start(first, db, "logs", lease=60) as running:
+        locked_id = await running.cast("lock")
+        await asyncio.wait_for(first.entered.wait(), WAIT)
+    # Stopped inside handle_locked: the next consumer takes the lock over.
+    second = Locking()
+    second.release.set()
+    async with dgen.start(second, db, "logs", lease=60) as running:
+        failing_id = await running.cast("fail")
+        assert await running.call("get", timeout=WAIT) == 1
+        assert running.stats.lock_takeovers == 1 and running.stats.action_failures == 1
+    events = {
+        r.dgen_event: r  # type: ignore[attr-defined]
+        for r in caplog.records
+        if hasattr(r, "dgen_event")
+    }
+    takeover, action = events["lock_takeover"], events["action_failure"]
+    assert (takeover.tenant, takeover.message_id) == ("logs", locked_id)  # type: ignore[attr-defined]
+    assert (action.tenant, action.message_id) == ("logs", failing_id)  # type: ignore[attr-defined]
+    assert takeover.levelno == logging.WARNING and action.levelno == logging.ERROR
+    assert locked_id in takeover.getMessage() and "'logs'" in takeover.getMessage()
