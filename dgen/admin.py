@@ -171,16 +171,18 @@ class TenantInfo:
 # -- helpers --------------------------------------------------------------------------
 
 
+def _cut(text: str, width: int) -> str:
+    text = text.replace("\n", " ")
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def _decode(payload: bytes) -> tuple[Any, str, str]:
     """(message, preview, decode error)."""
     try:
         value = codec.decode(payload)
     except Exception as exc:
-        return None, f"<cannot decode: {exc}>"[:_PREVIEW], str(exc)
-    text = repr(value).replace("\n", " ")
-    if len(text) > _PREVIEW:
-        text = text[: _PREVIEW - 3] + "..."
-    return value, text, ""
+        return None, f"<cannot decode: {_cut(str(exc), _PREVIEW - 17)}>", str(exc)
+    return value, _cut(repr(value), _PREVIEW), ""
 
 
 def _head_length(keys: TenantKeys, space: str) -> int:
@@ -340,7 +342,7 @@ def _summarise_state(state: Any) -> str:
     if isinstance(state, dict):
         names = ", ".join(repr(k) for k in list(state)[:8])
         more = ", ..." if len(state) > 8 else ""
-        return f"dict with {len(state)} keys ({names}{more})"
+        return f"dict with {len(state)} key(s) ({names}{more})"
     if isinstance(state, (list, tuple, set, frozenset)):
         return f"{kind} of {len(state)} items"
     text = repr(state).replace("\n", " ")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import importlib
 import io
 import json
 import os
@@ -162,7 +163,8 @@ async def _inspect(db: Database, args: argparse.Namespace, out: TextIO) -> int:
         _emit_json(data, out)
         return EXIT_OK
     print(f"tenant        {info.tenant}", file=out)
-    print(f"state         {info.state_summary}", file=out)
+    hint = " (--import MODULE decodes its dataclasses)" if info.state_error else ""
+    print(f"state         {info.state_summary}{hint}", file=out)
     print(f"state stored  {info.state_keys} keys, {info.state_bytes} bytes", file=out)
     print(f"queue         {info.queue_length} message(s)", file=out)
     if info.head is not None:
@@ -424,6 +426,15 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("tenant", metavar="TENANT", help="tenant name")
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
         p.add_argument(
+            "--import",
+            dest="imports",
+            action="append",
+            default=[],
+            metavar="MODULE",
+            help="import MODULE first (from the current directory or the path), so the "
+            "dataclasses it defines decode in states and messages; repeatable",
+        )
+        p.add_argument(
             "--timeout",
             type=float,
             default=30.0,
@@ -518,9 +529,20 @@ def _check_reachable(url: URL) -> None:
             raise UnavailableError(f"no SQLite database at {raw}{hint}")
 
 
+def _import_modules(names: Sequence[str]) -> None:
+    if names and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            raise _UsageError(f"--import {name}: {type(exc).__name__}: {exc}") from None
+
+
 async def _run_store_command(args: argparse.Namespace, out: TextIO) -> int:
     url = URL.parse(args.url)
     _check_reachable(url)
+    _import_modules(args.imports)
     try:
         async with asyncio.timeout(args.timeout):
             async with connect(url) as db:

@@ -5,10 +5,12 @@ against stores another process can open: every backend in BACKENDS with
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import os
 import socket
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ WAIT = 60.0  # hang guard only
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def run_dgen(*args: str) -> tuple[int, str, str]:
+async def run_dgen(*args: str, cwd: Path | None = None) -> tuple[int, str, str]:
     """``python -m dgen ARGS``: (exit status, stdout, stderr)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -35,6 +37,7 @@ async def run_dgen(*args: str) -> tuple[int, str, str]:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "DGEN_DEBUG": ""},
+        cwd=cwd,
     )
     async with asyncio.timeout(120):  # hang guard
         out, err = await proc.communicate()
@@ -42,8 +45,8 @@ async def run_dgen(*args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-async def ok(*args: str) -> str:
-    code, out, err = await run_dgen(*args)
+async def ok(*args: str, cwd: Path | None = None) -> str:
+    code, out, err = await run_dgen(*args, cwd=cwd)
     assert code == 0, f"dgen {' '.join(args)} exited {code}: {err}"
     assert "Traceback" not in err
     return out
@@ -167,7 +170,7 @@ async def test_tenants_table_and_json(url: str, db: Database) -> None:
 async def test_inspect_table_json_and_full_state(url: str, db: Database) -> None:
     ids = await populate(db)
     text = await ok("inspect", url, "orders")
-    assert "state         dict with 2 keys ('items', 'owner')" in text
+    assert "state         dict with 2 key(s) ('items', 'owner')" in text
     assert "queue         2 message(s)" in text
     assert f"head          {ids['queued'][0]} cast 'plum'" in text
     assert "lock          -" in text
@@ -185,6 +188,26 @@ async def test_inspect_table_json_and_full_state(url: str, db: Database) -> None
     assert "state" not in json.loads(await ok("inspect", url, "orders", "--json"))
     idle = json.loads(await ok("inspect", url, "idle", "--json"))
     assert (idle["has_state"], idle["queue_length"]) == (False, 1)
+
+
+async def test_import_decodes_the_dataclasses_of_a_module(
+    url: str, db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = f"cli_items_{uuid.uuid4().hex}"
+    (tmp_path / f"{name}.py").write_text(
+        "from dataclasses import dataclass\n\n@dataclass\nclass Item:\n    sku: int\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    item = importlib.import_module(name).Item
+    await dgen.handle(db, "dc").cast(item(7))
+    (plain,) = json.loads(await ok("queue", "list", url, "dc", "--json", cwd=tmp_path))
+    assert plain["message"] is None and f"module '{name}' is not imported" in plain["decode_error"]
+    out = await ok("queue", "list", url, "dc", "--json", "--import", name, cwd=tmp_path)
+    assert json.loads(out)[0]["message"] == {"sku": 7}
+    table = await ok("queue", "list", url, "dc", "--import", name, cwd=tmp_path)
+    assert "Item(sku=7)" in table
+    code, _, err = await run_dgen("queue", "list", url, "dc", "--import", "no_such_module_x")
+    assert code == 2 and "--import no_such_module_x: ModuleNotFoundError" in err
 
 
 class Gate(dgen.DGenServer):
