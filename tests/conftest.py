@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 # Backends every runtime and conformance test runs on. PostgreSQL must run,
-# not skip, under CI=true (see the postgres_server fixture).
-BACKENDS = ["memory", "sqlite", "postgresql"]
+# not skip, under CI=true (see the postgres_server fixture). FoundationDB runs
+# when FDB_CLUSTER_FILE names a reachable cluster and libfdb_c loads; CI
+# machines have neither, so there its tests report as skipped with the reason.
+BACKENDS = ["memory", "sqlite", "postgresql", "fdb"]
 
 
 @pytest.fixture
@@ -47,6 +49,14 @@ def make_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> st
         url = fresh_schema_url(request.getfixturevalue("postgres_server").url)
         request.addfinalizer(lambda: drop_schema(url))
         return url
+    if backend == "fdb":
+        from dgen.backends.fdb import cluster_url_for_tests
+
+        fdb_url, reason = cluster_url_for_tests()
+        if fdb_url is None:
+            pytest.skip(reason)
+        # A fresh key prefix per test isolates it inside the shared cluster.
+        return f"{fdb_url}?prefix=t-{uuid.uuid4().hex}"
     raise AssertionError(f"no URL factory for backend {backend!r}")
 
 
