@@ -136,6 +136,12 @@ class _LockRecord:
     """When the lock was taken (or taken over), for operators."""
     holder: str = ""
     """``host:pid`` of the owning consumer, for operators."""
+    attempts: int = 0
+    """Runs of ``handle_locked`` that failed or were interrupted."""
+    running: bool = True
+    """The owner's run is in progress and not counted yet (a takeover counts it)."""
+    error: dict[str, Any] | None = None
+    """The last failure of ``handle_locked`` (see :class:`ErrorInfo`)."""
 
     def encode(self) -> bytes:
         return codec.encode(
@@ -149,6 +155,9 @@ class _LockRecord:
                 "id": self.stamp,
                 "since": self.since,
                 "holder": self.holder,
+                "attempts": self.attempts,
+                "running": self.running,
+                "error": self.error,
             }
         )
 
@@ -165,7 +174,13 @@ class _LockRecord:
             d["id"],
             d.get("since", 0.0),
             d.get("holder", ""),
+            d.get("attempts", 0),
+            d.get("running", True),
+            d.get("error"),
         )
+
+    def message(self) -> Message:
+        return Message(self.stamp, self.kind, self.payload, self.reply_slot, len(self.payload))
 
 
 @dataclass(slots=True)
@@ -654,24 +669,30 @@ class Consumer:
         self.stats.attempts_counted += 1
         if isinstance(outcome, _Done):
             return outcome
+        self._log_crash(message, exc, outcome)
+        return None
+
+    def _log_crash(
+        self, message: Message, exc: Exception, attempt: int | None, where: str = ""
+    ) -> None:
         log.error(
-            "crash: tenant %r, %s message %s failed (attempt %s of %d): %s: %s",
+            "crash: tenant %r, %s%s message %s failed (attempt %s of %s): %s: %s",
             self.tenant,
+            where,
             message.kind,
             message.id,
-            outcome if outcome is not None else "?",
-            max_attempts,
+            attempt if attempt is not None else "?",
+            self.max_attempts,
             type(exc).__name__,
             exc,
             extra=self._log_fields(
                 "crash",
                 message.id,
-                attempt=outcome,
-                max_attempts=max_attempts,
+                attempt=attempt,
+                max_attempts=self.max_attempts,
                 error_type=type(exc).__name__,
             ),
         )
-        return None
 
     async def _dead_letter(
         self, tr: Transaction, current: _Cached, message: Message, error: ErrorInfo
@@ -742,11 +763,29 @@ class Consumer:
 
     # -- locks ----------------------------------------------------------------------
 
-    async def _take_over(self, tr: Transaction, record: _LockRecord) -> _TakeOver:
+    async def _take_over(self, tr: Transaction, record: _LockRecord) -> _TakeOver | _Done:
         current = await self._load_state(tr)
         if current is None:
             raise RuntimeError(f"tenant {self.tenant!r} is locked but has no state")
+        attempts = record.attempts
         if record.owner != self.owner:
+            # The previous owner's run did not finish (unless it counted its failure).
+            attempts += record.running
+            if self.max_attempts is not None and attempts >= self.max_attempts:
+                error = _error_from(record.error)
+                error = (
+                    ErrorInfo(
+                        "Interrupted",
+                        f"handle_locked did not complete in {attempts} attempts (its "
+                        "consumer died or was stopped inside it each time)",
+                        "",
+                        attempts,
+                        time.time(),
+                    )
+                    if error is None
+                    else dataclasses.replace(error, attempts=attempts, time=time.time())
+                )
+                return await self._dead_letter_locked(tr, current, record, error)
             log.warning(
                 "lock takeover: tenant %r, message %s: the lease of %s expired; "
                 "handle_locked runs again",
@@ -767,9 +806,62 @@ class Consumer:
             record.stamp,
             now,
             _HOLDER,
+            attempts,
+            True,
+            record.error,
         )
         write_blob(tr, self.keys.lock, taken.encode(), self._max_value)
         return _TakeOver(taken, current)
+
+    async def _dead_letter_locked(
+        self, tr: Transaction, current: _Cached, record: _LockRecord, error: ErrorInfo
+    ) -> _Done:
+        """Dead-letter a locked message: release the lock; the state stays as
+        committed when the lock was taken."""
+        tr.clear(self.keys.lock)
+        tr.clear_range(self.keys.lock + b"\x00", self.keys.lock + b"\xff")
+        return await self._dead_letter(tr, current, record.message(), error)
+
+    async def _locked_failed(self, record: _LockRecord, exc: Exception) -> bool:
+        """Count a failure of ``handle_locked`` in the lock record (fenced). At
+        the limit, dead-letter the message and return True: carry on."""
+        if self.max_attempts is None:
+            return False
+        max_attempts = self.max_attempts
+
+        async def count(tr: Transaction) -> _Done | int | None:
+            raw = await read_blob(tr, self.keys.lock)
+            if raw is None:
+                return None
+            stored = _LockRecord.decode(raw)
+            if stored.owner != self.owner:
+                return None  # taken over meanwhile: the new owner counts
+            stored.attempts += 1
+            error = _describe_failure(exc, stored.attempts)
+            if stored.attempts >= max_attempts:
+                current = await self._load_state(tr)
+                if current is None:
+                    raise RuntimeError(f"tenant {self.tenant!r} is locked but has no state")
+                return await self._dead_letter_locked(tr, current, stored, error)
+            # Counted: the next consumer takes over after the lease without counting again.
+            stored.running = False
+            stored.error = _error_dict(error)
+            write_blob(tr, self.keys.lock, stored.encode(), self._max_value)
+            return stored.attempts
+
+        try:
+            outcome = await self._run(count)
+        except Exception as failure:
+            exc.add_note(f"dgen: could not count this failed attempt: {failure!r}")
+            return False
+        if isinstance(outcome, _Done):
+            self._set_cache(outcome.cache)
+            assert outcome.dead_letter is not None
+            self._log_dead_letter(outcome.dead_letter)
+            await self._run_actions(outcome.actions)
+            return True
+        self._log_crash(record.message(), exc, outcome, "handle_locked of ")
+        return False
 
     async def _renew(self, record: _LockRecord) -> None:
         async def renew(tr: Transaction) -> bool:
@@ -818,6 +910,21 @@ class Consumer:
                 exc_info=True,
             )
 
+    def _locked_reply(self, record: _LockRecord, result: Any) -> bytes | None:
+        """Check ``handle_locked``'s result; the encoded reply of a call."""
+        allowed: tuple[type, ...] = (
+            (Reply, NoReply, Stop) if record.kind == "call" else (NoReply, Stop)
+        )
+        if type(result) not in allowed:
+            raise TypeError(
+                f"handle_locked of {type(self.server).__name__} returned "
+                f"{type(result).__name__}; expected one of "
+                f"{', '.join(t.__name__ for t in allowed)}"
+            )
+        if record.kind == "call" and not isinstance(result, NoReply):
+            return codec.encode(result.value if isinstance(result, Reply) else result.reply)
+        return None
+
     async def _run_locked(self, record: _LockRecord, state: Any) -> Stop | None:
         message_id = record.stamp.hex()
         message = codec.decode(record.payload)
@@ -833,25 +940,16 @@ class Consumer:
         except BaseException as exc:
             await self._stop_renewing(renewer)
             exc.add_note(f"dgen: tenant {self.tenant!r}, handle_locked of message {message_id}")
+            if isinstance(exc, Exception) and await self._locked_failed(record, exc):
+                return None  # dead-lettered: the queue proceeds
             raise
         await self._stop_renewing(renewer)
-        allowed: tuple[type, ...] = (
-            (Reply, NoReply, Stop)
-            if record.kind == "call"
-            else (
-                NoReply,
-                Stop,
-            )
-        )
-        if type(result) not in allowed:
-            raise TypeError(
-                f"handle_locked of {type(self.server).__name__} returned "
-                f"{type(result).__name__}; expected one of "
-                f"{', '.join(t.__name__ for t in allowed)}"
-            )
-        reply = None
-        if record.kind == "call" and not isinstance(result, NoReply):
-            reply = codec.encode(result.value if isinstance(result, Reply) else result.reply)
+        try:
+            reply = self._locked_reply(record, result)
+        except Exception as exc:
+            if await self._locked_failed(record, exc):
+                return None
+            raise
 
         async def release(tr: Transaction) -> _Cached | None:
             raw = await read_blob(tr, self.keys.lock)
@@ -864,7 +962,13 @@ class Consumer:
             tr.clear_range(self.keys.lock + b"\x00", self.keys.lock + b"\xff")
             return self._write_state(tr, result.state, current)
 
-        cache = await self._run(release)
+        try:
+            cache = await self._run(release)
+        except codec.UnencodableError as exc:  # the new state: a failure of handle_locked
+            exc.add_note(f"dgen: tenant {self.tenant!r}, handle_locked of message {message_id}")
+            if await self._locked_failed(record, exc):
+                return None
+            raise
         if cache is None:
             log.warning(
                 "discarding handle_locked result of tenant %r (message %s): the lock was "

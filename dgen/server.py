@@ -146,9 +146,10 @@ class DGenServer:
     ``message`` itself, or an id you put in the state before returning
     :class:`Lock`) to the external service as its idempotency key.
 
-    Poison messages: a message whose handler fails (raises, or its consumer
-    dies inside it) ``max_attempts`` times is moved to the tenant's dead
-    letters and the queue behind it proceeds; see docs/operating.md.
+    Poison messages: a message whose handler (``handle_locked`` included)
+    fails ``max_attempts`` times (raises, or its consumer dies inside it) is
+    moved to the tenant's dead letters and the queue behind it proceeds; see
+    docs/operating.md.
     """
 
     max_attempts: int | None = 5

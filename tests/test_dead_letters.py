@@ -506,3 +506,86 @@ async def test_takeovers_and_action_failures_log_tenant_and_message_id(
     assert (action.tenant, action.message_id) == ("logs", failing_id)  # type: ignore[attr-defined]
     assert takeover.levelno == logging.WARNING and action.levelno == logging.ERROR
     assert locked_id in takeover.getMessage() and "'logs'" in takeover.getMessage()
+
+
+# -- poison in handle_locked ----------------------------------------------------------------
+
+
+class LockedPoison(dgen.DGenServer):
+    """Calls and casts lock; ``handle_locked`` raises, or hangs when ``hang``."""
+
+    max_attempts = 2
+
+    def __init__(self, hang: bool = False) -> None:
+        self.hang = hang
+        self.entered = asyncio.Event()
+        self.locked_runs = 0
+
+    def init(self, arg: Any) -> Any:
+        return []
+
+    def handle_cast(self, message: Any, state: Any) -> Any:
+        if message == "lock":
+            return dgen.Lock([*state, "locking"])
+        return dgen.NoReply([*state, message])
+
+    def handle_call(self, request: Any, caller: dgen.Caller, state: Any) -> Any:
+        if request == "get":
+            return dgen.Reply(state, state)
+        return dgen.Lock([*state, "locking call"])
+
+    async def handle_locked(self, kind: str, message: Any, state: Any) -> Any:
+        self.locked_runs += 1
+        self.entered.set()
+        if self.hang:
+            await asyncio.sleep(3600)
+        raise OSError("the payment API is down")
+
+
+async def test_a_failing_handle_locked_is_dead_lettered_and_its_caller_told(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="dgen")
+    server = LockedPoison()
+    caller = asyncio.ensure_future(dgen.handle(db, "lp").call("pay", timeout=WAIT))
+    with pytest.raises(OSError, match="payment API"):
+        async with dgen.start(server, db, "lp", lease=0.2) as running:
+            await asyncio.sleep(WAIT)
+    await dgen.handle(db, "lp").cast("after")
+    # The next consumer takes the lock over after its lease, runs handle_locked
+    # again, and at max_attempts dead-letters the message instead of crashing.
+    async with dgen.start(server, db, "lp", lease=0.2) as running:
+        with pytest.raises(dgen.DeadLetteredError, match="payment API"):
+            await caller
+        assert await running.call("get", timeout=WAIT) == ["locking call", "after"]
+    assert server.locked_runs == 2
+    (dead,) = await admin.list_dead_letters(db, "lp")
+    assert (dead.kind, dead.message, dead.error.type, dead.error.attempts) == (
+        "call",
+        "pay",
+        "OSError",
+        2,
+    )
+    assert (await admin.inspect_tenant(db, "lp")).lock is None
+    events = [r.dgen_event for r in caplog.records if hasattr(r, "dgen_event")]  # type: ignore[attr-defined]
+    assert events == ["crash", "dead_letter"]
+
+
+async def test_a_handle_locked_interrupted_max_attempts_times_is_dead_lettered(
+    db: Database,
+) -> None:
+    server = LockedPoison(hang=True)
+    await dgen.handle(db, "li").cast_many(["lock", "after"])
+    for _ in range(2):  # stopped inside handle_locked: the takeover counts it
+        server.entered.clear()
+        async with dgen.start(server, db, "li"):
+            await asyncio.wait_for(server.entered.wait(), WAIT)
+    async with dgen.start(server, db, "li") as running:
+        assert await running.call("get", timeout=WAIT) == ["locking", "after"]
+    assert server.locked_runs == 2
+    (dead,) = await admin.list_dead_letters(db, "li")
+    assert (dead.message, dead.error.type, dead.error.attempts) == ("lock", "Interrupted", 2)
+    # Retry re-queues the whole message: handle_cast locks again.
+    server.hang = False
+    await admin.retry_dead_letters(db, "li")
+    assert [m.message for m in await admin.list_queue(db, "li")] == ["lock"]
