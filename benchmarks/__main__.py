@@ -208,10 +208,15 @@ async def run_target(spec: str, s: Settings, groups: set[str], args: argparse.Na
                     ("state", state_benchmark(report, s, t, db)),
                 ]
                 for group, step in steps:
-                    if group in groups:
-                        await step
-                    else:
+                    if group not in groups:
                         step.close()
+                        continue
+                    try:
+                        await step
+                    except Exception as exc:
+                        # One failing figure must not cost the others.
+                        traceback.print_exc()
+                        report.skip(step.__name__, f"failed: {type(exc).__name__}: {exc}")
             if t.kind == "postgresql" and "peers" in groups:
                 await commits_per_message(report, s, t)
             if args.peers != "no" and "peers" in groups and t.kind in ("postgresql", "sqlite"):

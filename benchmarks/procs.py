@@ -30,7 +30,10 @@ class Child:
                     err = await asyncio.wait_for(self.proc.stderr.read(), 5)
             tail = err.decode(errors="replace")[-3000:]
             raise RuntimeError(f"benchmark worker {self.role} exited early:\n{tail}")
-        return json.loads(raw)  # type: ignore[no-any-return]
+        message: dict[str, Any] = json.loads(raw)
+        if "error" in message:
+            raise RuntimeError(f"benchmark worker failed: {message['error']}")
+        return message
 
     def go(self) -> None:
         assert self.proc.stdin is not None

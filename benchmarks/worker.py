@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import resource
 import sys
 import time
+import traceback
 from typing import Any
 
 import dgen
@@ -159,9 +161,21 @@ async def tenants(cfg: dict[str, Any]) -> None:
 ROLES = {"produce": produce, "consume": consume, "tenants": tenants}
 
 
+async def guarded(role: str, cfg: dict[str, Any]) -> None:
+    async with asyncio.timeout(cfg.get("timeout", 240)):  # hang guard
+        await ROLES[role](cfg)
+
+
 def main() -> None:
     role, raw = sys.argv[1], sys.argv[2]
-    asyncio.run(ROLES[role](json.loads(raw)))
+    try:
+        asyncio.run(guarded(role, json.loads(raw)))
+    except BaseException as exc:
+        # Report and leave at once: closing a store under crashed consumers may hang.
+        traceback.print_exc()
+        emit(error=f"{role}: {type(exc).__name__}: {exc}")
+        sys.stderr.flush()
+        os._exit(1)
 
 
 if __name__ == "__main__":
