@@ -124,6 +124,8 @@ class LockInfo:
     deadline: float
     """When its lease ends unless renewed (unix seconds)."""
     lease: float
+    attempts: int = 0
+    """Runs of ``handle_locked`` for this message that failed or were interrupted."""
 
     @property
     def expired(self) -> bool:
@@ -234,6 +236,7 @@ def _lock_info(raw: bytes | None) -> LockInfo | None:
         record.since,
         record.deadline,
         record.lease,
+        record.attempts,
     )
 
 

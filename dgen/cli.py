@@ -179,7 +179,8 @@ async def _inspect(db: Database, args: argparse.Namespace, out: TextIO) -> int:
         print(
             f"lock          {state} by {lk.holder or '?'} for message {lk.message_id} "
             f"({lk.kind}), age {_seconds(lk.age)}, lease {lk.lease:g} s, "
-            f"deadline {_when(lk.deadline)}",
+            f"deadline {_when(lk.deadline)}"
+            + (f", {lk.attempts} failed attempt(s)" if lk.attempts else ""),
             file=out,
         )
     print(f"dead letters  {len(info.dead_letters)}", file=out)
