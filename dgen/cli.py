@@ -145,7 +145,15 @@ async def _tenants(db: Database, args: argparse.Namespace, out: TextIO) -> int:
     table(
         ["TENANT", "QUEUED", "LOCK", "DEAD LETTERS", "STATE"],
         [
-            [r.tenant, r.queue_length, lock(r), r.dead_letters, "yes" if r.has_state else "no"]
+            [
+                r.tenant
+                if r.tenant.isprintable() and r.tenant.strip() == r.tenant
+                else repr(r.tenant),
+                r.queue_length,
+                lock(r),
+                r.dead_letters,
+                "yes" if r.has_state else "no",
+            ]
             for r in rows
         ],
         out,
