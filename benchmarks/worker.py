@@ -59,7 +59,19 @@ async def go_signal() -> None:
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
 
 
-def rss_kb() -> int:
+def rss_kb(field: str = "VmHWM") -> int:
+    """Peak (VmHWM) or current (VmRSS) resident set of this process, in KiB.
+
+    Not ``getrusage().ru_maxrss``: Linux carries the parent's peak over a
+    fork+exec into the child's, so a child of a big parent would report it.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
@@ -124,7 +136,7 @@ async def tenants(cfg: dict[str, Any]) -> None:
             all_done.set()
 
     async with dgen.connect(cfg["url"]) as db:
-        rss_connected = rss_kb()
+        rss_connected = rss_kb("VmRSS")
         prefix = cfg["prefix"]
         consumers = [
             Consumer(Counter(per, one_done), db, f"{prefix}-{i}", batch_size=cfg["batch_size"])
