@@ -284,26 +284,53 @@ async def test_connection_lost_during_commit_is_commit_unknown(
 ) -> None:
     async with dgen.connect(url) as db:
         assert isinstance(db, postgres.PostgresDatabase)
-        original = postgres.PostgresTransaction._commit
 
-        async def killed_commit(self: postgres.PostgresTransaction) -> None:
-            # Another session terminates ours just before COMMIT is sent.
-            assert self._conn is not None
-            pid = self._conn.info.backend_pid
+        def terminate(pid: int) -> None:
             with psycopg.connect(db.conninfo, autocommit=True) as killer:
                 killer.execute("SELECT pg_terminate_backend(%s)", (pid,))
-            await original(self)
 
-        monkeypatch.setattr(postgres.PostgresTransaction, "_commit", killed_commit)
+        # Read-write: the server ends the session between the reads and the
+        # commit round trip.
         tr = db.create_transaction()
+        await tr.get(b"k")
         tr.set(b"k", b"v")
+        assert isinstance(tr, postgres.PostgresTransaction) and tr._conn is not None
+        terminate(tr._conn.info.backend_pid)
         with pytest.raises(CommitUnknownError, match="may or may not"):
             await tr.commit()
-        monkeypatch.setattr(postgres.PostgresTransaction, "_commit", original)
-        # The pool drops the dead connection; the next transaction works.
+
+        # Write-only: the server goes away after the connection looked alive.
+        def dies_after_check(conn: Any) -> bool:
+            terminate(conn.info.backend_pid)
+            return True
+
+        monkeypatch.setattr(postgres, "_looks_alive", dies_after_check)
+        tr = db.create_transaction()
+        tr.set(b"k", b"w")
+        with pytest.raises(CommitUnknownError, match="may or may not"):
+            await tr.commit()
+        monkeypatch.undo()
+
+        # The pool drops the dead connections; the next transactions work.
         await db.run(_set(b"k2", b"v2"))
-        assert await db.run(_get(b"k")) is None  # COMMIT never reached the server
+        assert await db.run(_get(b"k")) is None  # neither commit reached the server
         assert await db.run(_get(b"k2")) == b"v2"
+
+
+async def test_a_pooled_connection_killed_while_idle_is_replaced(url: str) -> None:
+    """No CommitUnknownError for a connection that died in the pool: it is
+    detected before anything is sent."""
+    async with dgen.connect(url + "&pool_size=1") as db:
+        assert isinstance(db, postgres.PostgresDatabase)
+        await db.run(_set(b"k", b"v"))
+        await asyncio.sleep(0.3)  # the notifier has sent its pg_notify and is idle
+        async with db.pool.connection() as conn:
+            pid = conn.info.backend_pid
+        with psycopg.connect(db.conninfo, autocommit=True) as killer:
+            killer.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        await asyncio.sleep(0.2)  # the FATAL message and EOF arrive
+        await db.run(_set(b"k", b"w"))  # write-only: one round trip, on a fresh connection
+        assert await db.run(_get(b"k")) == b"w"
 
 
 async def test_server_restart_gives_clear_errors_then_recovers() -> None:

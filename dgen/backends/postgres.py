@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import logging
 import secrets
+import select
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -269,6 +270,20 @@ def _merge(ranges: Iterable[tuple[bytes, bytes]]) -> tuple[list[bytes], list[byt
 # -- transactions -------------------------------------------------------------
 
 
+def _looks_alive(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """False if an idle pooled connection has received anything: the EOF or
+    the FATAL message of a server that went away. Costs no round trip."""
+    try:
+        ready, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+    except (psycopg.Error, OSError, ValueError):
+        return False
+    return not ready
+
+
+async def _assume_alive(conn: psycopg.AsyncConnection[Any]) -> None:
+    """A first step for :meth:`PostgresTransaction._checkout` that sends nothing."""
+
+
 class PostgresTransaction(BufferedTransaction):
     """Reads on a REPEATABLE READ snapshot; at commit, a READ COMMITTED
     transaction that holds the store's clock row validates the read ranges
@@ -291,6 +306,10 @@ class PostgresTransaction(BufferedTransaction):
         for attempt in range(db.pool_size + 1):
             with _errors(db.url):
                 conn: psycopg.AsyncConnection[Any] = await db.pool.getconn()
+            if not _looks_alive(conn) and attempt < db.pool_size:
+                await conn.close()
+                await db.pool.putconn(conn)  # the pool drops it
+                continue
             self._conn, self._open_tx = conn, True
             try:
                 return await first(conn)
@@ -369,48 +388,32 @@ class PostgresTransaction(BufferedTransaction):
             LOG_WINDOW, _PRUNE_EVERY,
         )  # fmt: skip
 
-        # Never prepared: psycopg loses track of a PREPARE queued in a
-        # pipeline that dgen_commit aborts with a conflict.
-        async def validate_and_apply(conn: psycopg.AsyncConnection[Any]) -> int:
+        # One round trip that validates, applies and commits. Never prepared:
+        # psycopg loses track of a PREPARE queued in a pipeline that
+        # dgen_commit aborts with a conflict.
+        if self._conn is None:
+            await self._checkout(_assume_alive)  # write-only: no snapshot to end
+        conn = self._conn
+        assert conn is not None
+        try:
             async with conn.pipeline():
+                if read:
+                    await conn.execute("ROLLBACK", prepare=False)  # the read snapshot
                 await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED", prepare=False)
                 cur = await conn.execute(self._db.sql.commit, params, prepare=False)
-            row = await cur.fetchone()
-            assert row is not None
-            return int(row[0])
-
-        if read:
-            # The reads just proved the connection alive: one round trip that
-            # ends the snapshot, validates, applies and commits.
-            conn = self._conn
-            assert conn is not None
-            try:
-                async with conn.pipeline():
-                    await conn.execute("ROLLBACK", prepare=False)
-                    await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED", prepare=False)
-                    cur = await conn.execute(self._db.sql.commit, params, prepare=False)
-                    await conn.execute("COMMIT", prepare=False)
-            except psycopg.Error as exc:
-                lost = isinstance(exc, psycopg.OperationalError)
-                raise _map_error(exc, self._db.url, committing=lost) from exc
-            self._open_tx = False
-            row = await cur.fetchone()
-            assert row is not None
-            version = int(row[0])
-        else:
-            version = await self._checkout(validate_and_apply)
-            await self._commit()
+                await conn.execute("COMMIT", prepare=False)
+        except psycopg.Error as exc:
+            lost = isinstance(exc, psycopg.OperationalError)
+            raise _map_error(exc, self._db.url, committing=lost) from exc
+        self._open_tx = False
+        row = await cur.fetchone()
+        assert row is not None
+        version = int(row[0])
         written = [*clears, *set_keys, *add_keys]
         stamp = version.to_bytes(8, "big") + b"\x00\x00"
         written += [k[:o] + stamp + k[o + 10 :] for k, o, _ in buf.stamped]
         self._db.watches.committed(written, whole=bool(buf.cleared))
         return stamp
-
-    async def _commit(self) -> None:
-        assert self._conn is not None
-        with _errors(self._db.url, committing=True):
-            await self._conn.execute("COMMIT")
-        self._open_tx = False
 
     def _register_watch(self, watch: Watch, baseline: object) -> None:
         self._db.watches.add(watch, baseline)
