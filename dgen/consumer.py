@@ -65,12 +65,15 @@ from dgen.server import (
     Result,
     Stop,
 )
-from dgen.store import Database, Transaction, Watch
+from dgen.store import CommitUnknownError, Database, Transaction, UnavailableError, Watch
 
 __all__ = ["Consumer", "ConsumerStats"]
 
 log = logging.getLogger("dgen.consumer")
 T = TypeVar("T")
+
+_STORE_TROUBLE = (UnavailableError, CommitUnknownError)
+_CONTINUE = object()
 
 # Reply slots are collected this long after their deadline (clock-skew margin).
 _REPLY_GRACE_SECONDS = 60
@@ -320,6 +323,7 @@ class Consumer:
         self.layout = StateLayout(self.keys.state, self._max_value)
         self._next_gc = 0.0
         self._batch_limit: int | None = None
+        self._outage_delay = 0.0
         self.max_attempts = server.max_attempts
         if self.max_attempts is not None and self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1 or None, got {self.max_attempts}")
@@ -417,8 +421,36 @@ class Consumer:
     async def run(self) -> Any:
         """Consume until a handler returns :class:`Stop` (returns its reason)
         or the task is cancelled. A handler's exception propagates."""
-        if self._cache is None:
-            await self.initialise()
+        while True:
+            try:
+                if self._cache is None:
+                    await self.initialise()
+                stop = await self._turn()
+            except _STORE_TROUBLE as exc:
+                # The store is down or a commit's outcome is unknown: not a handler
+                # bug, so wait and go on. The cache is checked against the version
+                # key on the next turn, so whatever did commit is read back.
+                await self._wait_for_store(exc)
+                continue
+            self._outage_delay = 0.0
+            if stop is not _CONTINUE:
+                return stop
+
+    async def _wait_for_store(self, exc: BaseException) -> None:
+        self._outage_delay = min(max(self._outage_delay * 2, 0.05), 5.0)
+        log.warning(
+            "store unavailable for tenant %r (%s: %s); retrying in %.2f s",
+            self.tenant,
+            type(exc).__name__,
+            exc,
+            self._outage_delay,
+            extra=self._log_fields("store_unavailable", ""),
+        )
+        await asyncio.sleep(self._outage_delay)
+
+    async def _turn(self) -> Any:
+        """One consume transaction and what follows it; the stop reason, or
+        _CONTINUE."""
         while True:
             await self._collect_garbage()
             try:
@@ -464,6 +496,7 @@ class Consumer:
             if stop is not None:
                 self.stop_reason = stop.reason
                 return stop.reason
+            return _CONTINUE
 
     async def _sleep(self, wait: _Wait) -> None:
         try:
@@ -874,7 +907,17 @@ class Consumer:
 
         while True:
             await asyncio.sleep(self.lease / 3)
-            if not await self.db.run(renew):
+            try:
+                held = await self.db.run(renew)
+            except _STORE_TROUBLE as exc:
+                log.warning(
+                    "could not renew the lease of tenant %r (%s); trying again",
+                    self.tenant,
+                    exc,
+                    extra=self._log_fields("lease_renewal_failed", record.stamp.hex()),
+                )
+                continue
+            if not held:
                 log.warning(
                     "lost the lock of tenant %r (message %s) to another consumer",
                     self.tenant,
@@ -963,7 +1006,14 @@ class Consumer:
             return self._write_state(tr, result.state, current)
 
         try:
-            cache = await self._run(release)
+            while True:
+                try:
+                    cache = await self._run(release)
+                    break
+                except _STORE_TROUBLE as exc:
+                    # handle_locked's side effects happened: keep trying to commit
+                    # its result rather than run it again (fencing still applies).
+                    await self._wait_for_store(exc)
         except codec.UnencodableError as exc:  # the new state: a failure of handle_locked
             exc.add_note(f"dgen: tenant {self.tenant!r}, handle_locked of message {message_id}")
             if await self._locked_failed(record, exc):
