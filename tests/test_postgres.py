@@ -2,8 +2,9 @@
 
 What the conformance suite cannot check from outside: URL handling and error
 messages, the tables it creates, SQLSTATE mapping with errors provoked on the
-server, commit-outcome-unknown, ordered stamps from several processes, and the
-watch safety nets (listener reconnect, fallback poll).
+server, commit-outcome-unknown, dead pooled connections, server restarts
+(alone and under casts from several processes), ordered stamps from several
+processes, and the watch safety nets (listener reconnect, fallback poll).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -51,7 +52,7 @@ def server(postgres_server: Server) -> Server:
 
 
 @pytest.fixture
-def url(server: Server) -> AsyncIterator[str]:
+def url(server: Server) -> Iterator[str]:
     u = fresh_schema_url(server.url)
     yield u
     drop_schema(u)
