@@ -78,8 +78,21 @@ LIMITS = Limits(max_key_size=2048)
 # -- errors -------------------------------------------------------------------
 
 
-def _map_error(exc: BaseException, url: URL, *, committing: bool = False) -> StoreError:
-    """The one place psycopg's failures become DGen's errors."""
+def _map_error(
+    exc: BaseException,
+    url: URL,
+    *,
+    committing: bool = False,
+    conn: psycopg.AsyncConnection[Any] | None = None,
+) -> StoreError:
+    """The one place psycopg's failures become DGen's errors.
+
+    ``committing``: the failure hit the round trip that ends in COMMIT.
+    ``conn``: the transaction's connection, if it had one; losing it before
+    commit applied nothing, so that is a retryable conflict, and the retry
+    waits up to ``connect_timeout`` for the server (a restart) before
+    :class:`UnavailableError`.
+    """
     if isinstance(exc, StoreError):
         return exc
     if isinstance(exc, psycopg.errors.SerializationFailure | psycopg.errors.DeadlockDetected):
@@ -92,6 +105,11 @@ def _map_error(exc: BaseException, url: URL, *, committing: bool = False) -> Sto
             return CommitUnknownError(
                 f"the connection to {where} failed during COMMIT, so the transaction may or "
                 f"may not have been applied: {_clean(exc, url)}"
+            )
+        if conn is not None and conn.broken:
+            return ConflictError(
+                f"lost the connection to {where} before commit; nothing was applied and a "
+                f"new transaction may retry: {_clean(exc, url)}"
             )
         return UnavailableError(f"PostgreSQL at {where} is unavailable: {_clean(exc, url)}")
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):
@@ -110,11 +128,11 @@ def _clean(exc: BaseException, url: URL) -> str:
 
 
 @contextlib.contextmanager
-def _errors(url: URL, *, committing: bool = False) -> Iterator[None]:
+def _errors(url: URL, conn: psycopg.AsyncConnection[Any] | None = None) -> Iterator[None]:
     try:
         yield
     except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
-        raise _map_error(exc, url, committing=committing) from exc
+        raise _map_error(exc, url, conn=conn) from exc
 
 
 # -- SQL ----------------------------------------------------------------------
@@ -339,7 +357,7 @@ class PostgresTransaction(BufferedTransaction):
 
     async def _read(self, key: bytes) -> bytes | None:
         conn = await self._connection()
-        with _errors(self._db.url):
+        with _errors(self._db.url, conn):
             cur = await conn.execute(self._db.sql.get, (key,), binary=True)
             row = await cur.fetchone()
         return None if row is None else bytes(row[0])
@@ -349,7 +367,7 @@ class PostgresTransaction(BufferedTransaction):
     ) -> list[KeyValue]:
         q = self._db.sql
         conn = await self._connection()
-        with _errors(self._db.url):
+        with _errors(self._db.url, conn):
             if limit:
                 query = q.range_rev_limit if reverse else q.range_limit
                 cur = await conn.execute(query, (begin, end, limit), binary=True)
