@@ -34,7 +34,7 @@ class Settings:
     state_items: int = 1000
     state_fields: int = 200
     state_changes: int = 200
-    peer_jobs: int = 1000
+    peer_jobs: int = 300
 
     @classmethod
     def make(cls, quick: bool) -> Settings:

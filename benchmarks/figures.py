@@ -263,6 +263,7 @@ async def many_tenants(report: Report, s: Settings, t: Target) -> None:
             "tenants": s.tenants,
             "per_tenant": s.per_tenant,
             "batch_size": 16,
+            "timeout": 90,
         }
         async with children("tenants", [cfg]) as (proc,):
             result = (await proc.line())["result"]

@@ -17,6 +17,7 @@ import json
 import os
 import resource
 import sys
+import threading
 import time
 import traceback
 from typing import Any
@@ -173,15 +174,25 @@ async def tenants(cfg: dict[str, Any]) -> None:
 ROLES = {"produce": produce, "consume": consume, "tenants": tenants}
 
 
-async def guarded(role: str, cfg: dict[str, Any]) -> None:
-    async with asyncio.timeout(cfg.get("timeout", 240)):  # hang guard
-        await ROLES[role](cfg)
+def _hang_guard(role: str, seconds: float) -> None:
+    """Leave after ``seconds`` whatever the event loop is doing (a stalled
+    store can keep a cancelled loop from ever finishing)."""
+
+    def expire() -> None:
+        emit(error=f"{role}: no result within {seconds} s (hang guard)")
+        os._exit(2)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
 
 
 def main() -> None:
     role, raw = sys.argv[1], sys.argv[2]
+    cfg = json.loads(raw)
+    _hang_guard(role, cfg.get("timeout", 240))
     try:
-        asyncio.run(guarded(role, json.loads(raw)))
+        asyncio.run(ROLES[role](cfg))
     except BaseException as exc:
         # Report and leave at once: closing a store under crashed consumers may hang.
         traceback.print_exc()
