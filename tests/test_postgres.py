@@ -685,3 +685,54 @@ async def test_a_dropped_transaction_gives_its_connection_back(url: str) -> None
         # With the connection leaked this would time out (UnavailableError).
         await db.run(_set(b"k", b"v"))
         assert await db.run(_get(b"k")) == b"v"
+
+
+async def test_least_privileged_role_uses_a_prepared_store(server: Server) -> None:
+    """docs/postgres.md's recipe: the owner creates the store, an application
+    role with only USAGE and table privileges uses it, and creating a store
+    without CREATE rights fails with a clear error."""
+    cluster, own = server.cluster, None
+    if cluster is None:
+        try:
+            cluster = own = await asyncio.to_thread(start_cluster)
+        except NoServer as exc:
+            if os.environ.get("CI") == "true":
+                pytest.fail(f"CI=true: cannot test privileges: {exc}")
+            pytest.skip(f"needs a throwaway cluster to create roles: {exc}")
+    try:
+        owner_url = fresh_schema_url(cluster.url)
+        schema = _schema(owner_url)
+        async with dgen.connect(owner_url) as db:
+            await db.run(_set(b"seed", b"1"))
+        with psycopg.connect(_conninfo(owner_url), autocommit=True) as conn:
+            conn.execute(
+                "DO $$ BEGIN CREATE ROLE dgen_app LOGIN; "
+                "EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+            )
+            conn.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO dgen_app')
+            conn.execute(
+                f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{schema}" '
+                "TO dgen_app"
+            )
+        app_url = owner_url.replace("postgresql://postgres@", "postgresql://dgen_app@", 1)
+        assert app_url != owner_url
+        async with dgen.connect(app_url) as db:
+
+            async def work(tr: Transaction) -> bytes | None:
+                tr.add(b"n", 1)
+                key, offset = pack_with_versionstamp(("q", Versionstamp()))
+                tr.set_versionstamped_key(key, offset, b"m")
+                return await tr.get(b"seed")
+
+            assert await db.run(work) == b"1"
+            watch = await _watch(db, b"n")
+            await db.run(_add(b"n", 1))
+            await asyncio.wait_for(watch, WAIT)
+        fresh = fresh_schema_url(cluster.url).replace(
+            "postgresql://postgres@", "postgresql://dgen_app@", 1
+        )
+        with pytest.raises(UnavailableError, match="privileges DGen needs"):
+            await dgen.connect(fresh)
+    finally:
+        if own is not None:
+            await asyncio.to_thread(own.destroy)
