@@ -18,7 +18,7 @@ from typing import Any
 
 from dgen import codec
 from dgen.queue import TenantKeys, encode_record, enqueue, read_blob
-from dgen.server import CallTimeoutError, ReplyLostError
+from dgen.server import CallTimeoutError, MessageDroppedError, ReplyLostError
 from dgen.store import Database, Transaction, Watch
 
 __all__ = ["Handle", "handle"]
@@ -104,6 +104,8 @@ class Handle:
                 outcome = await self.db.run(lambda tr: self._take_reply(tr, slot))
                 if isinstance(outcome, Watch):
                     watch = outcome  # spurious wake-up: wait again
+                elif isinstance(outcome, MessageDroppedError):
+                    raise outcome  # raised after the slot's removal committed
                 else:
                     return codec.decode(outcome)
         except asyncio.CancelledError:
@@ -118,7 +120,9 @@ class Handle:
         tr.clear(slot)
         tr.clear_range(slot + b"\x00", slot + b"\xff")
 
-    async def _take_reply(self, tr: Transaction, slot: bytes) -> bytes | Watch:
+    async def _take_reply(
+        self, tr: Transaction, slot: bytes
+    ) -> bytes | Watch | MessageDroppedError:
         value = await tr.get(slot)
         if value is None:
             raise ReplyLostError(
@@ -127,24 +131,36 @@ class Handle:
             )
         if not value:
             return tr.watch(slot)
-        data = await read_blob(tr, slot)
-        assert data is not None
+        data = await _read_reply(tr, slot)
         tr.clear(slot)
         tr.clear_range(slot + b"\x00", slot + b"\xff")
         return data
 
     async def _give_up(self, slot: bytes, waited: float) -> Any:
-        async def remove(tr: Transaction) -> bytes | None:
+        async def remove(tr: Transaction) -> bytes | MessageDroppedError | None:
             value = await tr.get(slot)
-            data = await read_blob(tr, slot) if value else None
+            data = await _read_reply(tr, slot) if value else None
             tr.clear(slot)
             tr.clear_range(slot + b"\x00", slot + b"\xff")
             return data
 
         data = await self.db.run(remove)
+        if isinstance(data, MessageDroppedError):
+            raise data
         if data is not None:  # the reply landed just as we timed out
             return codec.decode(data)
         raise CallTimeoutError(
             f"no reply from tenant {self.tenant!r} within {waited} s; the request stays "
             "queued and will still be processed (its reply is discarded)"
         )
+
+
+async def _read_reply(tr: Transaction, slot: bytes) -> bytes | MessageDroppedError:
+    """The reply in ``slot``, or the error a consumer or operator left there
+    (returned, not raised, so the transaction removing the slot commits)."""
+    try:
+        data = await read_blob(tr, slot)
+    except MessageDroppedError as exc:
+        return exc
+    assert data is not None
+    return data

@@ -140,6 +140,7 @@ async def test_a_caller_of_a_dead_lettered_call_gets_a_clear_error(db: Database)
         with pytest.raises(dgen.DeadLetteredError, match="moved to the dead letters") as info:
             await running.call("poison", timeout=WAIT)
         assert "cannot handle poison" in str(info.value)
+        assert await reply_slots(db, "c") == []  # the caller removed its slot
         # The consumer did not crash: later messages are handled.
         await running.cast("after")
         assert (await running.call("get", timeout=WAIT))["seen"] == ["after"]
@@ -299,6 +300,7 @@ async def test_delete_removes_exactly_the_named_message_and_its_caller_gets_an_e
     assert removed.id == z.id
     with pytest.raises(dgen.MessageDeletedError, match="deleted by an operator"):
         await caller
+    assert await reply_slots(db, "del") == []  # the caller removed its slot
     await admin.delete_message(db, "del", y)
     assert [m.id for m in await admin.list_queue(db, "del")] == [x]
     with pytest.raises(admin.MessageNotFoundError, match=y):
@@ -589,3 +591,12 @@ async def test_a_handle_locked_interrupted_max_attempts_times_is_dead_lettered(
     server.hang = False
     await admin.retry_dead_letters(db, "li")
     assert [m.message for m in await admin.list_queue(db, "li")] == ["lock"]
+
+
+async def reply_slots(db: Database, tenant: str) -> list[bytes]:
+    keys = TenantKeys(tenant)
+
+    async def read(tr: Transaction) -> list[bytes]:
+        return [k for k, _ in await tr.get_range(keys.replies_begin, keys.replies_end)]
+
+    return await db.run(read)
