@@ -69,10 +69,13 @@ class StoreError(DGenError):
 
 
 class ConflictError(StoreError):
-    """The transaction conflicted with a concurrent one and was not applied.
+    """The transaction was not applied and may simply be retried.
 
-    The one retryable error: FoundationDB 1020, PostgreSQL SQLSTATE 40001 and
-    40P01 and SQLite BUSY all arrive as this. :meth:`Database.run` retries it.
+    Usually a concurrent transaction interfered; an adapter also raises it
+    when it knows for certain that nothing was committed (a connection lost
+    before the commit was sent). The one retryable error: FoundationDB 1020,
+    PostgreSQL SQLSTATE 40001 and 40P01 and SQLite BUSY all arrive as this.
+    :meth:`Database.run` retries it.
     """
 
     retryable = True
