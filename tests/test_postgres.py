@@ -627,6 +627,11 @@ async def test_server_restart_during_casts_loses_nothing_and_applies_nothing_twi
 
         readers: list[asyncio.Future[None]] = []
         consumers = [await spawn(WORKER, "consumer", url, tenant, "--batch", "4") for _ in range(2)]
+        # Consumers must be running before the outage: resuming is what is tested
+        # (a consumer still connecting when the server stops fails to start, clearly).
+        async with asyncio.timeout(WAIT):
+            while not all("ready" in lines for _, lines in consumers):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
         producers = [
             await spawn("-c", _RETRYING_PRODUCER, url, tenant, f"p{n}", str(per_producer))
             for n in range(3)
