@@ -35,6 +35,7 @@ class Settings:
     state_fields: int = 200
     state_changes: int = 200
     peer_jobs: int = 300
+    peer_rounds: int = 3
 
     @classmethod
     def make(cls, quick: bool) -> Settings:
@@ -49,6 +50,7 @@ class Settings:
                 per_tenant=2,
                 state_changes=10,
                 peer_jobs=40,
+                peer_rounds=1,  # a peer's start-up (DBOS) dominates; quick is a smoke run
             )
         return cls(quick=False)
 

@@ -179,7 +179,7 @@ def _measure(report: Report, s: Settings, key: str, name: str, role: str,
              cfg_for: Any, counted: Any) -> None:  # fmt: skip
     """Rounds of one peer, each on fresh databases; commits per job from pg_stat_database."""
     rates, commits, extras = [], [], []
-    for r in range(s.rounds):
+    for r in range(s.peer_rounds):
         cfg, dbs, cleanup = cfg_for(r)
         try:
             before = (lambda dbs=dbs: counted(dbs, 0.5)) if dbs else (lambda: None)
