@@ -129,6 +129,23 @@ def diff(old: Flat | None, new: Flat) -> Changes:
     return Changes(sets, clears)
 
 
+_PACKED: dict[str | bytes | int, bytes] = {}
+
+
+def _pack1(element: str | bytes | int) -> bytes:
+    """``keys.pack((element,))``, memoised: field names and chunk numbers repeat
+    in every flatten, and packing dominated its time."""
+    packed = _PACKED.get(element)
+    if packed is None:
+        packed = keys.pack((element,))
+        if len(_PACKED) < 50_000:
+            _PACKED[element] = packed
+    return packed
+
+
+_M, _D, _L, _F, _I, _O, _V = (_pack1(tag) for tag in ("m", "d", "l", "f", "i", "o", "v"))
+
+
 def _describe(path: Path) -> str:
     """A path as the user wrote it: ``state['rooms'][id='r1']['log']``."""
     out = "state"
@@ -167,9 +184,6 @@ class StateLayout:
     def range(self) -> tuple[bytes, bytes]:
         return self.prefix, keys.strinc(self.prefix)
 
-    def _key(self, path: Path) -> bytes:
-        return keys.pack(path, self.prefix)
-
     # -- writing -----------------------------------------------------------
 
     def flatten(self, state: Any, previous: Flat | None = None) -> Flat:
@@ -177,33 +191,41 @@ class StateLayout:
         unmoved list items keep their indexes. Raises
         :class:`dgen.codec.UnencodableError` for values the codec refuses."""
         flat = Flat()
-        self._node((), state, flat, previous.indexes if previous is not None else {})
+        self._node((), self.prefix, state, flat, previous.indexes if previous is not None else {})
         return flat
 
-    def _node(self, path: Path, value: Any, flat: Flat, old: dict[Path, dict[str, bytes]]) -> None:
+    def _node(
+        self, path: Path, base: bytes, value: Any, flat: Flat, old: dict[Path, dict[str, bytes]]
+    ) -> None:
+        # ``base`` is ``pack(path, prefix)``: a packed tuple is the concatenation
+        # of its packed elements, so children extend it instead of re-packing
+        # the whole path (which dominated flatten's time for large lists).
+        entries = flat.entries
         if type(value) is dict and all(type(k) is str for k in value):
-            flat.entries[self._key((*path, "m"))] = b""
+            entries[base + _M] = b""
             for name, child in value.items():
-                self._node((*path, "f", name), child, flat, old)
+                self._node((*path, "f", name), base + _F + _pack1(name), child, flat, old)
         elif dataclasses.is_dataclass(value) and not isinstance(value, type):
             cls = type(value)
-            flat.entries[self._key((*path, "d"))] = codec.encode((cls.__module__, cls.__qualname__))
+            entries[base + _D] = codec.encode((cls.__module__, cls.__qualname__))
             for f in dataclasses.fields(value):
-                self._node((*path, "f", f.name), getattr(value, f.name), flat, old)
+                child_key = base + _F + _pack1(f.name)
+                self._node((*path, "f", f.name), child_key, getattr(value, f.name), flat, old)
         elif type(value) is list and (ids := _list_ids(value)) is not None:
-            flat.entries[self._key((*path, "l"))] = b""
+            entries[base + _L] = b""
             indexes = self._indexes(ids, old.get(path, {}))
             flat.indexes[path] = indexes
             for ident, item in zip(ids, value, strict=True):
-                flat.entries[self._key((*path, "o", indexes[ident]))] = ident.encode()
-                self._node((*path, "i", ident), item, flat, old)
+                packed_id = _pack1(ident)
+                entries[base + _O + _pack1(indexes[ident])] = ident.encode()
+                self._node((*path, "i", ident), base + _I + packed_id, item, flat, old)
         else:
             try:
                 data = codec.encode(value)
             except codec.UnencodableError as exc:
                 raise codec.UnencodableError(f"in the state at {_describe(path)}: {exc}") from None
             for n, start in enumerate(range(0, max(len(data), 1), self.chunk_size)):
-                flat.entries[self._key((*path, "v", n))] = data[start : start + self.chunk_size]
+                entries[base + _V + _pack1(n)] = data[start : start + self.chunk_size]
 
     @staticmethod
     def _indexes(ids: list[str], old: dict[str, bytes]) -> dict[str, bytes]:
