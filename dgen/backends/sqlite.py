@@ -317,7 +317,7 @@ class _Watcher(threading.Thread):
                 forced = self.wake.is_set()
                 self.wake.clear()
                 version = sql.execute("PRAGMA data_version").fetchone()[0]
-                if forced or version != seen:
+                if (forced or version != seen) and db._watched_keys:
                     seen = version
                     generation, keys = db._watch_generation, list(db._watched_keys)
                     values: dict[bytes, bytes | None] = dict.fromkeys(keys)
@@ -418,7 +418,7 @@ class SQLiteDatabase(Database):
         self._poke_watcher()
 
     def _poke_watcher(self) -> None:
-        if self._watcher is not None:
+        if self._watcher is not None and self._watches:
             self._watcher.wake.set()
 
     def _deliver(self, generation: int, values: dict[bytes, bytes | None]) -> None:
