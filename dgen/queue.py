@@ -78,6 +78,7 @@ class TenantKeys:
         "push",
         "queue_begin",
         "queue_end",
+        "queue_stamp_prefix",
         "replies_begin",
         "replies_end",
         "state",
@@ -96,6 +97,8 @@ class TenantKeys:
         self.version = pack(("v",), self.prefix)
         self.lock = pack(("k",), self.prefix)
         self.replies_begin, self.replies_end = range_of(("r",), self.prefix)
+        # Everything before a queue key's 10-byte placeholder (0x33: versionstamp).
+        self.queue_stamp_prefix = pack(("q",), self.prefix) + b"\x33"
         self.attempts_begin, self.attempts_end = range_of(("a",), self.prefix)
         self.dead_begin, self.dead_end = range_of(("x",), self.prefix)
 
@@ -216,7 +219,9 @@ def enqueue(
     Several enqueues in one transaction must use increasing user versions.
     """
     stamp = Versionstamp(None, user_version)
-    main, offset = pack_with_versionstamp(("q", stamp), keys.prefix)
+    # pack_with_versionstamp(("q", stamp), prefix), without re-packing the prefix.
+    offset = len(keys.queue_stamp_prefix)
+    main = keys.queue_stamp_prefix + b"\xff" * 10 + user_version.to_bytes(2, "big")
     if len(record) < max_value:
         tr.set_versionstamped_key(main, offset, bytes((_INLINE,)) + record)
     else:
