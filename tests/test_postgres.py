@@ -737,3 +737,39 @@ async def test_least_privileged_role_uses_a_prepared_store(server: Server) -> No
     finally:
         if own is not None:
             await asyncio.to_thread(own.destroy)
+
+
+# -- cancellation -----------------------------------------------------------------
+
+
+async def test_cancelling_transactions_waiting_for_the_pool_always_cancels_them(
+    url: str,
+) -> None:
+    """Python 3.11's asyncio.wait_for, inside psycopg_pool's getconn, returned
+    the connection instead of raising when the cancel came as the wait ended:
+    the task ran on (a cancelled consumer then waited on its watch forever).
+    Workers queue for one connection; a trigger cancels them all a few loop
+    iterations after its own transaction handed the connection on, which
+    lands in that window. Every worker must end cancelled, none finish."""
+    async with dgen.connect(url + "&pool_size=1") as db:
+        await db.run(_set(b"k", b"v"))
+        stopping = False
+
+        async def worker() -> None:
+            while not stopping:
+                await db.run(_get(b"k"))
+
+        for round_ in range(24):
+            workers = [asyncio.ensure_future(worker()) for _ in range(8)]
+            await asyncio.sleep(0.01)
+            await db.run(_get(b"k"))  # queued behind the workers
+            for _ in range(round_ % 6):
+                await asyncio.sleep(0)
+            for task in workers:
+                task.cancel()
+            _, running = await asyncio.wait(workers, timeout=WAIT)  # hang guard
+            stopping = bool(running)
+            if running:
+                await asyncio.wait(running, timeout=WAIT)
+            lost = [t for t in workers if not t.cancelled()]
+            assert not lost, f"round {round_}: {len(lost)} worker(s) ignored cancel()"

@@ -25,7 +25,7 @@ import hashlib
 import logging
 import secrets
 import select
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import psycopg
@@ -298,6 +298,37 @@ def _looks_alive(conn: psycopg.AsyncConnection[Any]) -> bool:
     return not ready
 
 
+async def _getconn(pool: psycopg_pool.AsyncConnectionPool[Any]) -> psycopg.AsyncConnection[Any]:
+    """``pool.getconn()``, except that a cancellation is never lost.
+
+    psycopg_pool waits for a free connection with ``asyncio.wait_for``, which
+    on Python 3.11 returns the result instead of raising when the task is
+    cancelled just as the wait completes (CPython gh-86296, fixed in 3.12).
+    The task would run on, marked as cancelling: a cancelled consumer then
+    waited forever on its watch. A cancel request that arrived during the
+    wait and did not surface is raised here, the connection returned first.
+    """
+    task = asyncio.current_task()
+    before = task.cancelling() if task is not None else 0
+    conn: psycopg.AsyncConnection[Any] = await pool.getconn()
+    if task is not None and task.cancelling() > before:
+        await pool.putconn(conn)
+        raise asyncio.CancelledError
+    return conn
+
+
+@contextlib.asynccontextmanager
+async def _pooled(
+    pool: psycopg_pool.AsyncConnectionPool[Any],
+) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """``pool.connection()`` through :func:`_getconn`, for autocommit statements."""
+    conn = await _getconn(pool)
+    try:
+        yield conn
+    finally:
+        await pool.putconn(conn)
+
+
 async def _assume_alive(conn: psycopg.AsyncConnection[Any]) -> None:
     """A first step for :meth:`PostgresTransaction._checkout` that sends nothing."""
 
@@ -323,7 +354,7 @@ class PostgresTransaction(BufferedTransaction):
         db = self._db
         for attempt in range(db.pool_size + 1):
             with _errors(db.url):
-                conn: psycopg.AsyncConnection[Any] = await db.pool.getconn()
+                conn = await _getconn(db.pool)
             if not _looks_alive(conn) and attempt < db.pool_size:
                 await conn.close()
                 await db.pool.putconn(conn)  # the pool drops it
@@ -555,7 +586,7 @@ class _Watches:
         if not wanted:
             return
         try:
-            async with self.db.pool.connection() as conn:
+            async with _pooled(self.db.pool) as conn:
                 cur = await conn.execute(self.db.sql.get_many, (wanted,), binary=True)
                 current = {bytes(k): bytes(v) for k, v in await cur.fetchall()}
         except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
@@ -587,7 +618,7 @@ class _Watches:
     async def _send(self, batch: set[str]) -> None:
         payload = self.origin + " " + " ".join(sorted(batch))
         try:
-            async with self.db.pool.connection() as conn:
+            async with _pooled(self.db.pool) as conn:
                 await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, payload))
         except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
             # Listeners that missed it reconnect (and fire) or poll.
