@@ -773,3 +773,32 @@ async def test_cancelling_transactions_waiting_for_the_pool_always_cancels_them(
                 await asyncio.wait(running, timeout=WAIT)
             lost = [t for t in workers if not t.cancelled()]
             assert not lost, f"round {round_}: {len(lost)} worker(s) ignored cancel()"
+
+
+async def test_commit_conflicts_log_no_pipeline_warnings(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """psycopg logged "error ignored terminating <AsyncPipeline>: pipeline
+    aborted" at WARNING (printed to stderr) when a conflict surfaced inside the
+    commit pipeline; a conflict must reach the caller as ConflictError only."""
+    caplog.set_level("WARNING", logger="psycopg")
+    async with dgen.connect(url) as db:
+        conflicts = 0
+
+        async def increment() -> None:
+            nonlocal conflicts
+            for _ in range(15):
+                tr = db.create_transaction()
+                try:
+                    value = await tr.get(b"n")
+                    tr.set(b"n", str(int(value or b"0") + 1).encode())
+                    await tr.commit()
+                except ConflictError:
+                    conflicts += 1
+                finally:
+                    await tr.rollback()
+
+        await asyncio.wait_for(asyncio.gather(*(increment() for _ in range(12))), WAIT * 4)
+    assert conflicts > 0
+    ignored = [r.getMessage() for r in caplog.records if r.name.startswith("psycopg")]
+    assert not ignored

@@ -444,16 +444,29 @@ class PostgresTransaction(BufferedTransaction):
             await self._checkout(_assume_alive)  # write-only: no snapshot to end
         conn = self._conn
         assert conn is not None
+        failed: psycopg.Error | None = None
         try:
             async with conn.pipeline():
-                if read:
-                    await conn.execute("ROLLBACK", prepare=False)  # the read snapshot
-                await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED", prepare=False)
-                cur = await conn.execute(self._db.sql.commit, params, prepare=False)
-                await conn.execute("COMMIT", prepare=False)
+                # An error raised out of this block (a conflict whose result
+                # arrived before COMMIT was queued) would make psycopg log the
+                # pipeline's own "pipeline aborted" at WARNING as it exits:
+                # keep the first error, and let the exit fail quietly after it.
+                try:
+                    if read:
+                        await conn.execute("ROLLBACK", prepare=False)  # the read snapshot
+                    await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED", prepare=False)
+                    cur = await conn.execute(self._db.sql.commit, params, prepare=False)
+                    await conn.execute("COMMIT", prepare=False)
+                except psycopg.Error as exc:
+                    failed = exc
         except psycopg.Error as exc:
-            lost = isinstance(exc, psycopg.OperationalError)
-            raise _map_error(exc, self._db.url, committing=lost) from exc
+            if failed is None:
+                failed = exc
+            elif not isinstance(exc, psycopg.errors.PipelineAborted):
+                log.debug("ending the failed commit's pipeline: %s", _clean(exc, self._db.url))
+        if failed is not None:
+            lost = isinstance(failed, psycopg.OperationalError)
+            raise _map_error(failed, self._db.url, committing=lost) from failed
         self._open_tx = False
         row = await cur.fetchone()
         assert row is not None
