@@ -158,7 +158,7 @@ async def tenants(cfg: dict[str, Any]) -> None:
                 t.result()
         transactions = sum(c.stats.transactions for c in consumers)
         # Report before tearing down: cancelling a thousand consumers is not
-        # what is measured (and on PostgreSQL some never finish cancelling).
+        # what is measured.
         emit(
             result={
                 "rate": count * per / elapsed,
