@@ -49,6 +49,8 @@ __all__ = [
     "UnavailableError",
     "ValueTooLargeError",
     "Watch",
+    "check_key",
+    "check_value",
     "decode_counter",
     "encode_counter",
 ]
@@ -131,6 +133,29 @@ class Capabilities:
     """Several OS processes can open the same store concurrently."""
     watches_cross_process: bool = False
     """A watch fires on a commit made by another process."""
+
+
+def check_key(key: bytes, limits: Limits, hint: str = "") -> None:
+    """Raise TypeError or :class:`KeyTooLargeError` for a key the backend refuses
+    (adapters call it before anything is sent)."""
+    if not isinstance(key, bytes):
+        raise TypeError(f"keys are bytes, got {type(key).__name__}")
+    if len(key) > limits.max_key_size:
+        raise KeyTooLargeError(
+            f"key of {len(key)} bytes exceeds this backend's limit of "
+            f"{limits.max_key_size} bytes{hint}"
+        )
+
+
+def check_value(value: bytes, limits: Limits) -> None:
+    """Raise TypeError or :class:`ValueTooLargeError` for a value the backend refuses."""
+    if not isinstance(value, bytes):
+        raise TypeError(f"values are bytes, got {type(value).__name__}")
+    if len(value) > limits.max_value_size:
+        raise ValueTooLargeError(
+            f"value of {len(value)} bytes exceeds this backend's limit of "
+            f"{limits.max_value_size} bytes; split it over several keys"
+        )
 
 
 def encode_counter(value: int) -> bytes:

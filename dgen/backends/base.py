@@ -15,15 +15,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from dgen.store import (
-    KeyTooLargeError,
     KeyValue,
     Limits,
     StoreError,
     Transaction,
     TransactionClosedError,
     TransactionTooLargeError,
-    ValueTooLargeError,
     Watch,
+    check_key,
+    check_value,
     decode_counter,
     encode_counter,
 )
@@ -174,13 +174,7 @@ class BufferedTransaction(Transaction):
             raise TransactionClosedError("this transaction was already committed or rolled back")
 
     def _check_key(self, key: bytes) -> None:
-        if not isinstance(key, bytes):
-            raise TypeError(f"keys are bytes, got {type(key).__name__}")
-        if len(key) > self.limits.max_key_size:
-            raise KeyTooLargeError(
-                f"key of {len(key)} bytes exceeds this backend's limit of "
-                f"{self.limits.max_key_size} bytes"
-            )
+        check_key(key, self.limits)
 
     async def get(self, key: bytes) -> bytes | None:
         self._check_open()
@@ -256,14 +250,8 @@ class BufferedTransaction(Transaction):
 
     def _check_write(self, key: bytes, value: bytes = b"") -> None:
         self._check_open()
-        self._check_key(key)
-        if not isinstance(value, bytes):
-            raise TypeError(f"values are bytes, got {type(value).__name__}")
-        if len(value) > self.limits.max_value_size:
-            raise ValueTooLargeError(
-                f"value of {len(value)} bytes exceeds this backend's limit of "
-                f"{self.limits.max_value_size} bytes; split it over several keys"
-            )
+        check_key(key, self.limits)
+        check_value(value, self.limits)
 
     def set(self, key: bytes, value: bytes) -> None:
         self._check_write(key, value)

@@ -56,6 +56,8 @@ from dgen.store import (
     UnavailableError,
     ValueTooLargeError,
     Watch,
+    check_key,
+    check_value,
     encode_counter,
 )
 from dgen.urls import URL, DriverMissingError, URLError
@@ -697,14 +699,7 @@ class FDBTransaction(Transaction):
             raise TransactionClosedError("this transaction was already committed or rolled back")
 
     def _check_key(self, key: bytes) -> None:
-        if not isinstance(key, bytes):
-            raise TypeError(f"keys are bytes, got {type(key).__name__}")
-        if len(key) > self._limits.max_key_size:
-            raise KeyTooLargeError(
-                f"key of {len(key)} bytes exceeds FoundationDB's limit of "
-                f"{self._limits.max_key_size} bytes"
-                + (" (10,000 less the URL prefix)" if self._prefix else "")
-            )
+        check_key(key, self._limits, " (10,000 less the URL prefix)" if self._prefix else "")
 
     def _stored(self, key: bytes) -> bytes:
         """The stored form of a key written by this transaction."""
@@ -718,13 +713,7 @@ class FDBTransaction(Transaction):
         return stored
 
     def _check_value(self, value: bytes) -> None:
-        if not isinstance(value, bytes):
-            raise TypeError(f"values are bytes, got {type(value).__name__}")
-        if len(value) > self._limits.max_value_size:
-            raise ValueTooLargeError(
-                f"value of {len(value)} bytes exceeds FoundationDB's limit of "
-                f"{self._limits.max_value_size} bytes; split it over several keys"
-            )
+        check_value(value, self._limits)
 
     def _count(self, nbytes: int) -> None:
         self._size += nbytes
