@@ -1037,15 +1037,19 @@ class Consumer:
     # -- housekeeping ---------------------------------------------------------------
 
     async def _collect_garbage(self) -> None:
-        """Remove reply slots whose callers are long gone (throttled)."""
+        """Remove reply slots whose callers are long gone and expired enqueue
+        receipts (throttled)."""
         now = time.time()
         if now < self._next_gc:
             return
         self._next_gc = now + self.gc_interval
         cutoff = self.keys.replies_before(int(now) - _REPLY_GRACE_SECONDS)
 
+        receipts_cutoff = self.keys.receipts_before(int(now))
+
         async def collect(tr: Transaction) -> None:
             tr.clear_range(self.keys.replies_begin, cutoff)
+            tr.clear_range(self.keys.receipts_begin, receipts_cutoff)
 
         await self.db.run(collect)
 

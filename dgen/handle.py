@@ -17,11 +17,16 @@ from collections.abc import Iterable
 from typing import Any
 
 from dgen import codec
+from dgen.keys import Versionstamp, unpack
 from dgen.queue import TenantKeys, encode_record, enqueue, read_blob
 from dgen.server import CallTimeoutError, MessageDroppedError, ReplyLostError
-from dgen.store import Database, Transaction, Watch
+from dgen.store import CommitUnknownError, Database, Transaction, Watch
 
 __all__ = ["Handle", "handle"]
+
+# Receipts outlive any retry of the cast that wrote them; consumers clear them.
+_RECEIPT_SECONDS = 600
+_UNKNOWN_RETRIES = 5
 
 
 def handle(db: Database, tenant: str) -> Handle:
@@ -59,12 +64,36 @@ class Handle:
         records = [encode_record("cast", p, None) for p in payloads]
         max_value = self.db.limits.max_value_size
 
+        # A receipt written with the messages makes a retry after
+        # CommitUnknownError safe: the retry first looks for it, so the messages
+        # are queued once whatever happened to the first commit.
+        token = uuid.uuid4().bytes
+        expires = int(time.time()) + _RECEIPT_SECONDS
+        receipt, offset = self.keys.receipt(expires, token)
+        checking = False
+
         async def send(tr: Transaction) -> asyncio.Future[bytes]:
+            if checking:
+                found = await tr.get_range(*self.keys.receipts_of(expires, token), limit=1)
+                if found:
+                    stamp = unpack(found[0][0], len(self.keys.prefix))[-1]
+                    assert isinstance(stamp, Versionstamp) and stamp.tr_version is not None
+                    done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+                    done.set_result(stamp.tr_version)
+                    return done
             for i, record in enumerate(records):
                 enqueue(tr, self.keys, record, i, max_value)
+            tr.set_versionstamped_key(receipt, offset, b"")
             return asyncio.ensure_future(tr.get_versionstamp())
 
-        stamp = await (await self.db.run(send))
+        for attempt in range(_UNKNOWN_RETRIES + 1):
+            try:
+                stamp = await (await self.db.run(send))
+                break
+            except CommitUnknownError:
+                if attempt == _UNKNOWN_RETRIES:
+                    raise
+                checking = True
         return [(stamp + i.to_bytes(2, "big")).hex() for i in range(len(records))]
 
     async def call(self, request: Any, timeout: float = 5.0) -> Any:  # noqa: ASYNC109 (GenServer API)

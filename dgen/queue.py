@@ -79,6 +79,7 @@ class TenantKeys:
         "queue_begin",
         "queue_end",
         "queue_stamp_prefix",
+        "receipts_begin",
         "replies_begin",
         "replies_end",
         "state",
@@ -97,6 +98,7 @@ class TenantKeys:
         self.version = pack(("v",), self.prefix)
         self.lock = pack(("k",), self.prefix)
         self.replies_begin, self.replies_end = range_of(("r",), self.prefix)
+        self.receipts_begin = range_of(("e",), self.prefix)[0]
         # Everything before a queue key's 10-byte placeholder (0x33: versionstamp).
         self.queue_stamp_prefix = pack(("q",), self.prefix) + b"\x33"
         self.attempts_begin, self.attempts_end = range_of(("a",), self.prefix)
@@ -121,6 +123,19 @@ class TenantKeys:
 
     def reply_slot(self, deadline: int, reply_id: bytes) -> bytes:
         return pack(("r", deadline, reply_id), self.prefix)
+
+    def receipt(self, expires: int, token: bytes) -> tuple[bytes, int]:
+        """An enqueue receipt: an ordered-commit key written with the messages,
+        so a producer that got CommitUnknownError can tell whether (and under
+        which stamp) its messages were queued."""
+        return pack_with_versionstamp(("e", expires, token, Versionstamp()), self.prefix)
+
+    def receipts_of(self, expires: int, token: bytes) -> tuple[bytes, bytes]:
+        return range_of(("e", expires, token), self.prefix)
+
+    def receipts_before(self, unix_seconds: int) -> bytes:
+        """End of the range holding every receipt that expired earlier."""
+        return pack(("e", unix_seconds), self.prefix)
 
     def replies_before(self, unix_seconds: int) -> bytes:
         """End of the range holding every slot whose deadline is earlier."""
