@@ -108,8 +108,10 @@ class WriteBuffer:
         self.size += len(begin) + len(end)
 
     def is_cleared(self, key: bytes) -> bool:
-        i = bisect.bisect_right(self.cleared, (key, b"\xff" * 10_001)) - 1
-        return i >= 0 and self.cleared[i][0] <= key < self.cleared[i][1]
+        # The cleared ranges are disjoint and sorted: find the last one that
+        # begins at or before ``key``.
+        i = bisect.bisect_right(self.cleared, key, key=lambda r: r[0]) - 1
+        return i >= 0 and key < self.cleared[i][1]
 
     def points_in(self, begin: bytes, end: bytes) -> list[tuple[bytes, Op]]:
         lo = bisect.bisect_left(self.keys, begin)
