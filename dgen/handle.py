@@ -55,7 +55,13 @@ class Handle:
         return message_id
 
     async def cast_many(self, messages: Iterable[Any]) -> list[str]:
-        """Queue several messages in one transaction, in order; return their ids."""
+        """Queue several messages in one transaction, in order; return their ids.
+
+        If the commit's outcome is unknown (:class:`dgen.CommitUnknownError`),
+        it retries by itself, checking a receipt written with the messages, so
+        they are queued exactly once; after 5 unknown outcomes in a row the
+        error reaches the caller.
+        """
         payloads = [codec.encode(m) for m in messages]
         if not payloads:
             return []
