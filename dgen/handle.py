@@ -5,15 +5,22 @@ run in the same process. ``cast`` returns after its message is committed to
 the queue. ``call`` enqueues the request together with a reply slot and
 waits on a watch of that slot; the consuming transaction fills it, in
 whatever process the consumer runs.
+
+A call costs two durable commits: the enqueue (with the slot) and the
+consumer's. The caller reads the reply in a read-only transaction, which
+commits nothing, and clears the finished slot blind in the handle's next
+enqueue (cast or call); slots of handles never used again are collected by
+the consumers after their deadline (see docs/runtime.md).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
+import itertools
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from dgen import codec
@@ -27,6 +34,10 @@ __all__ = ["Handle", "handle"]
 # Receipts outlive any retry of the cast that wrote them; consumers clear them.
 _RECEIPT_SECONDS = 600
 _UNKNOWN_RETRIES = 5
+# Finished reply slots cleared by one enqueue transaction at most (the rest wait).
+_CLEARS_PER_COMMIT = 64
+# Blob tags (documented in dgen.queue): an inline value and a chunked one.
+_INLINE, _CHUNKED = b"\x00", b"\x01"
 
 
 def handle(db: Database, tenant: str) -> Handle:
@@ -35,12 +46,36 @@ def handle(db: Database, tenant: str) -> Handle:
 
 
 class Handle:
-    """Send messages to one tenant's queue. Cheap to create; holds no resources."""
+    """Send messages to one tenant's queue. Cheap to create; holds no resources
+    but the keys of reply slots its finished calls left for its next enqueue."""
 
     def __init__(self, db: Database, tenant: str) -> None:
         self.db = db
         self.tenant = tenant
         self.keys = TenantKeys(tenant)
+        # Slots whose reply was read (key -> has chunk keys), cleared blind by the
+        # next enqueue: a blind clear never conflicts, and a consumer that still
+        # finds the slot gone drops its reply (it reads the slot first).
+        self._finished: dict[bytes, bool] = {}
+
+    def _pending_clears(self) -> dict[bytes, bool]:
+        return dict(itertools.islice(self._finished.items(), _CLEARS_PER_COMMIT))
+
+    def _cleared(self, slots: Iterable[bytes]) -> None:
+        for slot in slots:
+            self._finished.pop(slot, None)
+
+    async def clear_finished(self) -> int:
+        """Remove the reply slots of this handle's finished calls now, in one
+        commit per 64; return how many. Optional: the next cast or call clears
+        them anyway, and consumers collect them a minute after their deadline."""
+        count = 0
+        while self._finished:
+            slots = self._pending_clears()
+            await self.db.run(functools.partial(_cleared_in, slots=slots))
+            self._cleared(slots)
+            count += len(slots)
+        return count
 
     def __repr__(self) -> str:
         return f"<Handle tenant={self.tenant!r} db={self.db!r}>"
@@ -77,6 +112,7 @@ class Handle:
         expires = int(time.time()) + _RECEIPT_SECONDS
         receipt, offset = self.keys.receipt(expires, token)
         checking = False
+        clears = self._pending_clears()
 
         async def send(tr: Transaction) -> asyncio.Future[bytes]:
             if checking:
@@ -87,6 +123,7 @@ class Handle:
                     done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
                     done.set_result(stamp.tr_version)
                     return done
+            _clear_slots(tr, clears)
             for i, record in enumerate(records):
                 enqueue(tr, self.keys, record, i, max_value)
             tr.set_versionstamped_key(receipt, offset, b"")
@@ -100,6 +137,7 @@ class Handle:
                 if attempt == _UNKNOWN_RETRIES:
                     raise
                 checking = True
+        self._cleared(clears)  # (a found receipt means the first commit cleared them)
         return [(stamp + i.to_bytes(2, "big")).hex() for i in range(len(records))]
 
     async def call(self, request: Any, timeout: float = 5.0) -> Any:  # noqa: ASYNC109 (GenServer API)
@@ -107,8 +145,15 @@ class Handle:
 
         Raises :class:`CallTimeoutError` (a TimeoutError) after ``timeout``
         seconds; the request is still processed later and its reply slot is
-        removed. Raises :class:`dgen.codec.UnencodableError` before writing
-        anything if ``request`` cannot be stored.
+        removed. Raises the :class:`dgen.MessageDroppedError` subclass a
+        consumer or operator left if the message was dead-lettered or
+        deleted, and :class:`dgen.ReplyLostError` if the slot was removed
+        before the reply arrived. Raises :class:`dgen.codec.UnencodableError`
+        before writing anything if ``request`` cannot be stored.
+
+        Two durable commits: the enqueue and the consumer's. The reply is
+        read in a read-only transaction; its slot is cleared by this
+        handle's next enqueue (see :meth:`clear_finished`).
         """
         payload = codec.encode(request)
         if timeout <= 0:
@@ -120,13 +165,21 @@ class Handle:
         slot = self.keys.reply_slot(deadline, uuid.uuid4().bytes)
         record = encode_record("call", payload, slot)
         max_value = self.db.limits.max_value_size
+        clears = self._pending_clears()
 
         async def send(tr: Transaction) -> Watch:
+            _clear_slots(tr, clears)
             enqueue(tr, self.keys, record, 0, max_value)
             tr.set(slot, b"")
+            # The baseline is this write, so arming the watch reads nothing.
             return tr.watch(slot)
 
-        watch = await self.db.run(send)
+        try:
+            watch = await self.db.run(send)
+        except (asyncio.CancelledError, CommitUnknownError):
+            self._finished[slot] = False  # it may have been committed
+            raise
+        self._cleared(clears)
         try:
             while True:
                 try:
@@ -136,50 +189,74 @@ class Handle:
                     return await self._give_up(slot, timeout)
                 finally:
                     watch.cancel()
-                outcome = await self.db.run(lambda tr: self._take_reply(tr, slot))
+                # Read-only: its commit writes nothing (no fsync) on every backend.
+                outcome = await self.db.run(lambda tr: self._read_reply(tr, slot))
                 if isinstance(outcome, Watch):
                     watch = outcome  # spurious wake-up: wait again
-                elif isinstance(outcome, MessageDroppedError):
-                    raise outcome  # raised after the slot's removal committed
-                else:
-                    return codec.decode(outcome)
+                    continue
+                data, chunked = outcome
+                if isinstance(data, MessageDroppedError):
+                    await self._remove_dropped(slot)
+                    raise data
+                self._finished[slot] = chunked
+                return codec.decode(data)
         except asyncio.CancelledError:
-            # Best effort: remove our slot now; consumers collect it otherwise.
-            with contextlib.suppress(Exception):
+            # Best effort: remove our slot now; else the next enqueue or the GC does.
+            try:
                 async with asyncio.timeout(1):
-                    await self.db.run(lambda tr: self._remove(tr, slot))
+                    await self.db.run(lambda tr: _cleared_in(tr, {slot: True}))
+            except Exception:
+                self._finished[slot] = True
             raise
 
-    @staticmethod
-    async def _remove(tr: Transaction, slot: bytes) -> None:
-        tr.clear(slot)
-        tr.clear_range(slot + b"\x00", slot + b"\xff")
-
-    async def _take_reply(
+    async def _read_reply(
         self, tr: Transaction, slot: bytes
-    ) -> bytes | Watch | MessageDroppedError:
-        value = await tr.get(slot)
-        if value is None:
+    ) -> tuple[bytes | MessageDroppedError, bool] | Watch:
+        """The reply (or the error left instead) and whether it has chunk
+        keys; a new watch if the slot is still empty. Writes nothing."""
+        head = await tr.get(slot)
+        if head is None:
             raise ReplyLostError(
                 f"the reply slot of a call to tenant {self.tenant!r} was removed before "
                 "the reply arrived"
             )
-        if not value:
+        if not head:
             return tr.watch(slot)
-        data = await _read_reply(tr, slot)
-        tr.clear(slot)
-        tr.clear_range(slot + b"\x00", slot + b"\xff")
-        return data
+        if head[:1] == _INLINE:
+            return head[1:], False  # the usual case: one read
+        return await _read_reply(tr, slot), head[:1] == _CHUNKED
+
+    async def _remove_dropped(self, slot: bytes) -> None:
+        """Remove the slot of a dropped message before its error is raised
+        (errors are rare; this commit is off the normal path)."""
+        clears = self._pending_clears()
+
+        async def remove(tr: Transaction) -> None:
+            _clear_slots(tr, clears)
+            _clear_slots_now(tr, slot)
+
+        try:
+            await self.db.run(remove)
+        except Exception:
+            self._finished[slot] = True  # the error still reaches the caller
+        else:
+            self._cleared(clears)
 
     async def _give_up(self, slot: bytes, waited: float) -> Any:
+        clears = self._pending_clears()
+
         async def remove(tr: Transaction) -> bytes | MessageDroppedError | None:
+            # Reading the slot makes this conflict with a consumer writing the
+            # reply concurrently: either the reply is read here, or the consumer
+            # finds the slot gone and drops it.
             value = await tr.get(slot)
             data = await _read_reply(tr, slot) if value else None
-            tr.clear(slot)
-            tr.clear_range(slot + b"\x00", slot + b"\xff")
+            _clear_slots(tr, clears)
+            _clear_slots_now(tr, slot)
             return data
 
         data = await self.db.run(remove)
+        self._cleared(clears)
         if isinstance(data, MessageDroppedError):
             raise data
         if data is not None:  # the reply landed just as we timed out
@@ -188,6 +265,24 @@ class Handle:
             f"no reply from tenant {self.tenant!r} within {waited} s; the request stays "
             "queued and will still be processed (its reply is discarded)"
         )
+
+
+def _clear_slots(tr: Transaction, slots: Mapping[bytes, bool]) -> None:
+    """Blind clears of finished slots: no reads, so they never conflict. A
+    range clear only where chunks were seen (on PostgreSQL a range clear
+    wakes every watcher to re-check)."""
+    for slot, chunked in slots.items():
+        tr.clear(slot)
+        if chunked:
+            tr.clear_range(slot + b"\x00", slot + b"\xff")
+
+
+def _clear_slots_now(tr: Transaction, slot: bytes) -> None:
+    _clear_slots(tr, {slot: True})
+
+
+async def _cleared_in(tr: Transaction, slots: Mapping[bytes, bool]) -> None:
+    _clear_slots(tr, slots)
 
 
 async def _read_reply(tr: Transaction, slot: bytes) -> bytes | MessageDroppedError:
