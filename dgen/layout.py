@@ -19,14 +19,32 @@ A state is stored under a key prefix as a tree of nodes, each at a *path*
 changed, however the handler built the new state (in place or not).
 :meth:`StateLayout.rebuild` turns a range read back into the same value, types
 included.
+
+Cost proportional to the change: a flattening keeps a *shadow* of what it
+laid out (each node's kind, its children, and for each leaf the object and its
+encoded chunks). The next :meth:`~StateLayout.flatten` walks the new state
+against that shadow and re-encodes only leaves that may have changed, so
+:func:`diff` is handed the writes instead of comparing every key. Handlers may
+mutate the state in place, so a container (dict, list, dataclass) is never
+trusted by identity: it is always descended into, but cheaply (its keys and
+children compared by identity, in C). Only a leaf that is *deeply immutable*
+(str, int, float, bool, None, bytes, date, naive or fixed-offset datetime, and
+tuples / frozensets of these) and is the very object laid out last time is
+assumed to encode to the same bytes; any other leaf is re-encoded and its bytes
+compared. The shadow is never mutated, so the previous flattening stays valid
+if the transaction that used the new one fails.
 """
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
+import datetime
+import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from itertools import compress, repeat
+from operator import is_, is_not
 from typing import Any
 
 from dgen import codec, keys
@@ -91,12 +109,28 @@ def _keep_in_order(fracs: list[bytes | None]) -> set[int]:
     return kept
 
 
-@dataclass
 class Flat:
-    """A flattened state: its keys and values, and each list's indexes."""
+    """A flattened state: its keys and values (``entries``), and each list's
+    fractional indexes (``indexes``, keyed by the list's path)."""
 
-    entries: dict[bytes, bytes] = field(default_factory=dict)
-    indexes: dict[Path, dict[str, bytes]] = field(default_factory=dict)
+    __slots__ = ("__weakref__", "_base", "_changes", "_owner", "_root", "entries")
+
+    def __init__(self, entries: dict[bytes, bytes] | None = None) -> None:
+        self.entries: dict[bytes, bytes] = {} if entries is None else entries
+        # The shadow of ``entries`` (None: unknown, the next flatten starts over),
+        # the layout it belongs to, and the writes from the flattening it was
+        # computed against (a weak reference: Flats must not chain in memory).
+        self._root: _Node | None = None
+        self._owner: tuple[bytes, int] | None = None
+        self._base: weakref.ref[Flat] | None = None
+        self._changes: Changes | None = None
+
+    @property
+    def indexes(self) -> dict[Path, dict[str, bytes]]:
+        out: dict[Path, dict[str, bytes]] = {}
+        if self._root is not None:
+            _collect_indexes((), self._root, out)
+        return out
 
 
 @dataclass
@@ -123,6 +157,9 @@ class Changes:
 
 def diff(old: Flat | None, new: Flat) -> Changes:
     """The writes that turn the stored ``old`` flattening into ``new``."""
+    if old is not None and new._base is not None and new._base() is old:
+        assert new._changes is not None
+        return new._changes  # found by the flatten that made ``new`` from ``old``
     before = old.entries if old is not None else {}
     sets = {k: v for k, v in new.entries.items() if before.get(k) != v}
     clears = [k for k in before if k not in new.entries]
@@ -173,6 +210,363 @@ def _list_ids(value: list[Any]) -> list[str] | None:
     return ids  # type: ignore[return-value]
 
 
+# -- the shadow of a flattening ------------------------------------------------
+#
+# Nodes are never mutated once built: a new flattening shares the unchanged
+# nodes of the previous one and builds new ones along the changed paths.
+
+_ATOMS = frozenset({str, int, float, bool, bytes, type(None), datetime.date})
+
+
+def _frozen(value: Any) -> bool:
+    """Whether ``value`` can never encode differently than it does now."""
+    kind = type(value)
+    if kind in _ATOMS:
+        return True
+    if kind is tuple or kind is frozenset:
+        return all(map(_frozen, value))
+    if kind is datetime.datetime:
+        # isoformat() asks the tzinfo for its offset: only a fixed one is stable.
+        return value.tzinfo is None or type(value.tzinfo) is datetime.timezone
+    return False
+
+
+class _Leaf:
+    """A value stored as chunks ``("v", n)``."""
+
+    __slots__ = ("chunks", "fixed", "obj")
+
+    def __init__(self, obj: Any, chunks: tuple[bytes, ...]) -> None:
+        self.obj = obj
+        self.chunks = chunks
+        # Deeply immutable and laid out from this very object: the same object
+        # next time has the same chunks, without encoding it again.
+        self.fixed = _frozen(obj)
+
+
+class _Map:
+    """A str-keyed dict (``mark`` None) or a dataclass (``mark``: its class)."""
+
+    __slots__ = ("cls", "kids", "mark", "names", "objs", "walk")
+
+    def __init__(
+        self,
+        cls: type,
+        mark: bytes | None,
+        names: tuple[str, ...],
+        objs: tuple[Any, ...],
+        kids: tuple[_Node, ...],
+        walk: tuple[int, ...] | None = None,
+    ) -> None:
+        self.cls: Any = cls  # Any: ``type(x) is cls`` must not narrow x to object
+        self.mark = mark
+        self.names = names
+        self.objs = objs  # the children laid out, by position
+        self.kids = kids
+        # Positions to look into every time: all but the fixed leaves, whose
+        # object identity is proof enough.
+        self.walk = (
+            tuple(i for i, kid in enumerate(kids) if type(kid) is not _Leaf or not kid.fixed)
+            if walk is None
+            else walk
+        )
+
+
+class _List:
+    """A list of items with str ids, by position, and their fractional indexes."""
+
+    __slots__ = ("fracs", "ids", "items")
+
+    def __init__(self, ids: tuple[str, ...], items: tuple[_Map, ...], fracs: dict[str, bytes]):
+        self.ids = ids
+        self.items = items
+        self.fracs = fracs
+
+
+_Node = _Leaf | _Map | _List
+
+
+def _collect_indexes(path: Path, node: _Node, out: dict[Path, dict[str, bytes]]) -> None:
+    if type(node) is _Map:
+        for name, kid in zip(node.names, node.kids, strict=True):
+            _collect_indexes((*path, "f", name), kid, out)
+    elif type(node) is _List:
+        out[path] = dict(node.fracs)
+        for ident, item in zip(node.ids, node.items, strict=True):
+            _collect_indexes((*path, "i", ident), item, out)
+
+
+def _count(node: _Node) -> int:
+    """How many keys ``node`` stands for."""
+    if type(node) is _Leaf:
+        return len(node.chunks)
+    if type(node) is _Map:
+        return 1 + sum(map(_count, node.kids))
+    assert type(node) is _List
+    return 1 + len(node.fracs) + sum(map(_count, node.items))
+
+
+class _Unencodable(Exception):
+    """Carries a codec error up to :meth:`StateLayout.flatten`, collecting
+    where in the state it happened (innermost part first)."""
+
+    def __init__(self, error: codec.UnencodableError) -> None:
+        self.error = error
+        self.parts: list[tuple[str, str]] = []
+
+
+class _Walk:
+    """One flattening: lays a value out against the shadow of the previous one
+    and collects the writes (``sets``, ``clears``) between them."""
+
+    __slots__ = ("chunk", "clears", "sets")
+
+    def __init__(self, chunk: int) -> None:
+        self.chunk = chunk
+        self.sets: dict[bytes, bytes] = {}
+        self.clears: list[bytes] = []
+
+    def node(self, base: bytes, value: Any, old: _Node | None) -> _Node:
+        """Lay ``value`` out under the packed key ``base``, writing what differs
+        from ``old`` (what is stored there now; None: nothing)."""
+        kind = type(value)
+        if kind is dict:
+            if (
+                type(old) is _Map
+                and old.cls is dict
+                and len(value) == len(old.names)
+                and all(map(is_, value, old.names))
+            ):
+                return self.same_fields(base, old, tuple(value.values()))
+            if all(map(is_, map(type, value), repeat(str))):
+                return self.fields(base, dict, None, tuple(value), tuple(value.values()), old)
+        elif kind is list:
+            if value:
+                made = self.update_list(base, value, old) if type(old) is _List else None
+                if made is not None:
+                    return made
+                if type(old) is not _List and (ids := _list_ids(value)) is not None:
+                    return self.new_list(base, value, ids, old)
+        elif kind not in _ATOMS and kind is not tuple:
+            if type(old) is _Map and old.cls is kind:
+                return self.same_fields(base, old, tuple(map(getattr, repeat(value), old.names)))
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                names = tuple(f.name for f in dataclasses.fields(value))
+                mark = codec.encode((kind.__module__, kind.__qualname__))
+                values = tuple(map(getattr, repeat(value), names))
+                return self.fields(base, kind, mark, names, values, old)
+        return self.leaf(base, value, old)
+
+    def leaf(self, base: bytes, value: Any, old: _Node | None) -> _Leaf:
+        if type(old) is _Leaf and value is old.obj and old.fixed:
+            return old
+        try:
+            data = codec.encode(value)
+        except codec.UnencodableError as exc:
+            raise _Unencodable(exc) from None
+        size = self.chunk
+        if len(data) <= size:
+            chunks: tuple[bytes, ...] = (data,)
+        else:
+            chunks = tuple(data[i : i + size] for i in range(0, len(data), size))
+        sets = self.sets
+        if type(old) is _Leaf:
+            before = old.chunks
+            if chunks == before:
+                return old if value is old.obj else _Leaf(value, before)
+            for n, chunk in enumerate(chunks):
+                if n >= len(before) or before[n] != chunk:
+                    sets[base + _V + _pack1(n)] = chunk
+            self.clears.extend(base + _V + _pack1(n) for n in range(len(chunks), len(before)))
+        else:
+            if old is not None:
+                self.drop(base, old)
+            for n, chunk in enumerate(chunks):
+                sets[base + _V + _pack1(n)] = chunk
+        return _Leaf(value, chunks)
+
+    def fields(
+        self,
+        base: bytes,
+        cls: type,
+        mark: bytes | None,
+        names: tuple[str, ...],
+        values: tuple[Any, ...],
+        old: _Node | None,
+    ) -> _Map:
+        """A dict or dataclass laid out afresh, or over a map of other fields
+        or class (a dict and a dataclass share the children's keys)."""
+        sets = self.sets
+        mark_key = base + (_M if mark is None else _D)
+        previous: dict[str, _Node] = {}
+        if type(old) is _Map:
+            old_key = base + (_M if old.mark is None else _D)
+            if old_key != mark_key:
+                self.clears.append(old_key)
+                sets[mark_key] = mark or b""
+            elif old.mark != mark:
+                sets[mark_key] = mark or b""
+            previous = dict(zip(old.names, old.kids, strict=True))
+        else:
+            if old is not None:
+                self.drop(base, old)
+            sets[mark_key] = mark or b""
+        kids = []
+        name = ""
+        try:
+            for name, child in zip(names, values, strict=True):
+                kids.append(self.node(base + _F + _pack1(name), child, previous.pop(name, None)))
+        except _Unencodable as exc:
+            exc.parts.append(("f", name))
+            raise
+        for gone, kid in previous.items():
+            self.drop(base + _F + _pack1(gone), kid)
+        return _Map(cls, mark, names, values, tuple(kids))
+
+    def same_fields(self, base: bytes, old: _Map, values: tuple[Any, ...]) -> _Map:
+        """A map with the same names (and class) as ``old``: only children that
+        are not the same fixed leaves are looked at."""
+        todo = set(compress(range(len(values)), map(is_not, values, old.objs)))
+        todo.update(old.walk)
+        if not todo:
+            return old
+        kids = list(old.kids)
+        names = old.names
+        changed = False
+        walk: set[int] | None = None
+        pos = 0
+        try:
+            for pos in todo:
+                before = kids[pos]
+                kid = self.node(base + _F + _pack1(names[pos]), values[pos], before)
+                if kid is not before:
+                    kids[pos] = kid
+                    if not changed:
+                        changed = True
+                        walk = set(old.walk)
+                    assert walk is not None
+                    if type(kid) is _Leaf and kid.fixed:
+                        walk.discard(pos)
+                    else:
+                        walk.add(pos)
+        except _Unencodable as exc:
+            exc.parts.append(("f", names[pos]))
+            raise
+        if not changed:
+            # Every child that is not a walked container is the same object as
+            # last time (a fixed leaf given another object yields a new _Leaf).
+            return old
+        assert walk is not None
+        return _Map(old.cls, old.mark, names, values, tuple(kids), tuple(sorted(walk)))
+
+    def new_list(self, base: bytes, value: list[Any], ids: list[str], old: _Node | None) -> _List:
+        if old is not None:
+            self.drop(base, old)
+        sets = self.sets
+        sets[base + _L] = b""
+        fracs = StateLayout._indexes(ids, {})
+        for ident in ids:
+            sets[base + _O + _pack1(fracs[ident])] = ident.encode()
+        items = []
+        ident = ""
+        try:
+            for ident, item in zip(ids, value, strict=True):
+                made = self.node(base + _I + _pack1(ident), item, None)
+                assert type(made) is _Map  # an item with an id is a dict or dataclass
+                items.append(made)
+        except _Unencodable as exc:
+            exc.parts.append(("i", ident))
+            raise
+        return _List(tuple(ids), tuple(items), fracs)
+
+    def update_list(self, base: bytes, value: list[Any], old: _List) -> _List | None:
+        """``value`` over a stored list of items, or None if ``value`` is not a
+        list of items with unique str ids (then it is a leaf). Writes nothing
+        before it knows."""
+        before = old.items
+        before_ids = old.ids
+        count = len(before)
+        ids: list[str] = []
+        items: list[_Map | None] = []
+        todo: list[int] = []
+        for pos, item in enumerate(value):
+            if pos < count:
+                # Fast path: a dict or dataclass whose children are the same
+                # fixed leaves as the item laid out at this position.
+                prev = before[pos]
+                if not prev.walk and type(item) is prev.cls:
+                    if prev.mark is None:
+                        same = (
+                            len(item) == len(prev.names)
+                            and all(map(is_, item.values(), prev.objs))
+                            and all(map(is_, item, prev.names))
+                        )
+                    else:
+                        same = all(map(is_, map(getattr, repeat(item), prev.names), prev.objs))
+                    if same:
+                        ids.append(before_ids[pos])
+                        items.append(prev)
+                        continue
+            ident = _item_id(item)
+            if ident is None:
+                return None
+            ids.append(ident)
+            items.append(None)
+            todo.append(pos)
+        new_ids = tuple(ids)
+        same_order = new_ids == before_ids
+        if not todo and same_order:
+            return old
+        known = set(new_ids)
+        if not same_order and len(known) != len(new_ids):
+            return None
+        sets = self.sets
+        clears = self.clears
+        by_id: dict[str, _Map] = {}
+        if same_order:
+            fracs = old.fracs
+        else:
+            fracs = StateLayout._indexes(ids, old.fracs)
+            by_id = dict(zip(before_ids, before, strict=True))
+            order_before = {frac: ident for ident, frac in old.fracs.items()}
+            for ident, frac in fracs.items():
+                if order_before.get(frac) != ident:
+                    sets[base + _O + _pack1(frac)] = ident.encode()
+            in_use = set(fracs.values())
+            clears.extend(base + _O + _pack1(f) for f in order_before if f not in in_use)
+            for ident, prev in by_id.items():
+                if ident not in known:
+                    self.drop(base + _I + _pack1(ident), prev)
+        ident = ""
+        try:
+            for pos in todo:
+                ident = ids[pos]
+                prev_item = before[pos] if same_order else by_id.get(ident)
+                made = self.node(base + _I + _pack1(ident), value[pos], prev_item)
+                assert type(made) is _Map
+                items[pos] = made
+        except _Unencodable as exc:
+            exc.parts.append(("i", ident))
+            raise
+        return _List(new_ids, tuple(items), fracs)  # type: ignore[arg-type]
+
+    def drop(self, base: bytes, old: _Node) -> None:
+        """Clear every key of the stored node ``old``."""
+        clears = self.clears
+        if type(old) is _Leaf:
+            clears.extend(base + _V + _pack1(n) for n in range(len(old.chunks)))
+        elif type(old) is _Map:
+            clears.append(base + (_M if old.mark is None else _D))
+            for name, kid in zip(old.names, old.kids, strict=True):
+                self.drop(base + _F + _pack1(name), kid)
+        else:
+            assert type(old) is _List
+            clears.append(base + _L)
+            clears.extend(base + _O + _pack1(frac) for frac in old.fracs.values())
+            for ident, item in zip(old.ids, old.items, strict=True):
+                self.drop(base + _I + _pack1(ident), item)
+
+
 class StateLayout:
     """Reads and writes one state under ``prefix`` (bytes every key starts with)."""
 
@@ -188,44 +582,33 @@ class StateLayout:
 
     def flatten(self, state: Any, previous: Flat | None = None) -> Flat:
         """Lay ``state`` out as keys. ``previous`` (the stored layout) lets
-        unmoved list items keep their indexes. Raises
+        unmoved list items keep their indexes, and makes the work (and the
+        later :func:`diff`) proportional to what changed since it. Raises
         :class:`dgen.codec.UnencodableError` for values the codec refuses."""
-        flat = Flat()
-        self._node((), self.prefix, state, flat, previous.indexes if previous is not None else {})
-        return flat
-
-    def _node(
-        self, path: Path, base: bytes, value: Any, flat: Flat, old: dict[Path, dict[str, bytes]]
-    ) -> None:
-        # ``base`` is ``pack(path, prefix)``: a packed tuple is the concatenation
-        # of its packed elements, so children extend it instead of re-packing
-        # the whole path (which dominated flatten's time for large lists).
-        entries = flat.entries
-        if type(value) is dict and all(type(k) is str for k in value):
-            entries[base + _M] = b""
-            for name, child in value.items():
-                self._node((*path, "f", name), base + _F + _pack1(name), child, flat, old)
-        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-            cls = type(value)
-            entries[base + _D] = codec.encode((cls.__module__, cls.__qualname__))
-            for f in dataclasses.fields(value):
-                child_key = base + _F + _pack1(f.name)
-                self._node((*path, "f", f.name), child_key, getattr(value, f.name), flat, old)
-        elif type(value) is list and (ids := _list_ids(value)) is not None:
-            entries[base + _L] = b""
-            indexes = self._indexes(ids, old.get(path, {}))
-            flat.indexes[path] = indexes
-            for ident, item in zip(ids, value, strict=True):
-                packed_id = _pack1(ident)
-                entries[base + _O + _pack1(indexes[ident])] = ident.encode()
-                self._node((*path, "i", ident), base + _I + packed_id, item, flat, old)
+        owner = (self.prefix, self.chunk_size)
+        usable = previous is not None and previous._root is not None and previous._owner == owner
+        walk = _Walk(self.chunk_size)
+        try:
+            root = walk.node(self.prefix, state, previous._root if usable else None)  # type: ignore[union-attr]
+        except _Unencodable as exc:
+            path = tuple(part for pair in reversed(exc.parts) for part in pair)
+            raise codec.UnencodableError(
+                f"in the state at {_describe(path)}: {exc.error}"
+            ) from None
+        if not usable:
+            flat = Flat(walk.sets)  # laid out from nothing: every key is a set
         else:
-            try:
-                data = codec.encode(value)
-            except codec.UnencodableError as exc:
-                raise codec.UnencodableError(f"in the state at {_describe(path)}: {exc}") from None
-            for n, start in enumerate(range(0, max(len(data), 1), self.chunk_size)):
-                entries[base + _V + _pack1(n)] = data[start : start + self.chunk_size]
+            assert previous is not None
+            entries = previous.entries.copy()
+            for key in walk.clears:
+                del entries[key]
+            entries.update(walk.sets)
+            flat = Flat(entries)
+            flat._base = weakref.ref(previous)
+            flat._changes = Changes(walk.sets, walk.clears)
+        flat._root = root
+        flat._owner = owner
+        return flat
 
     @staticmethod
     def _indexes(ids: list[str], old: dict[str, bytes]) -> dict[str, bytes]:
@@ -272,53 +655,96 @@ class StateLayout:
             for part in path[:-1]:
                 node = node.setdefault(part, {})
             node[path[-1]] = value
-        return self._build((), tree, flat), flat
+        state, root = self._build((), tree)
+        # The shadow lets the next flatten skip what is unchanged; it must
+        # stand for exactly the stored keys, so any stray key (or a field
+        # filled by a default) leaves it out and the next flatten starts over.
+        if root is not None and _count(root) == len(flat.entries):
+            flat._root = root
+            flat._owner = (self.prefix, self.chunk_size)
+        return state, flat
 
-    def _dataclass(self, cls: Any, path: Path, stored: dict[str, Any], flat: Flat) -> Any:
+    def _dataclass(self, cls: Any, path: Path, stored: dict[str, Any]) -> tuple[Any, _Node | None]:
         # Fields are restored directly, as the codec does (no __init__ runs).
         # Schema evolution: a field added to the class since the state was
         # written takes its default; a stored field the class no longer has
         # is dropped.
         obj = cls.__new__(cls)
+        names: list[str] = []
+        values: list[Any] = []
+        kids: list[_Node | None] = []
         for f in dataclasses.fields(cls):
             if f.name in stored:
-                value = self._build((*path, "f", f.name), stored[f.name], flat)
+                value, kid = self._build((*path, "f", f.name), stored[f.name])
             elif f.default is not dataclasses.MISSING:
-                value = f.default
+                value, kid = f.default, None  # not stored: no shadow
             elif f.default_factory is not dataclasses.MISSING:
-                value = f.default_factory()
+                value, kid = f.default_factory(), None
             else:
                 raise DecodeError(
                     f"stored {cls.__qualname__} has no field {f.name!r} and the class gives "
                     "it no default; add a default to migrate old states"
                 )
             object.__setattr__(obj, f.name, value)
-        return obj
+            names.append(f.name)
+            values.append(value)
+            kids.append(kid)
+        return obj, _map_node(
+            cls, codec.encode((cls.__module__, cls.__qualname__)), names, values, kids
+        )
 
-    def _build(self, path: Path, node: dict[Any, Any], flat: Flat) -> Any:
+    def _build(self, path: Path, node: dict[Any, Any]) -> tuple[Any, _Node | None]:
         try:
             if "m" in node:
-                return {
-                    name: self._build((*path, "f", name), child, flat)
-                    for name, child in node.get("f", {}).items()
-                }
+                names: list[str] = []
+                values: list[Any] = []
+                kids: list[_Node | None] = []
+                for name, child in node.get("f", {}).items():
+                    value, kid = self._build((*path, "f", name), child)
+                    names.append(name)
+                    values.append(value)
+                    kids.append(kid)
+                return dict(zip(names, values, strict=True)), _map_node(
+                    dict, None, names, values, kids
+                )
             if "d" in node:
                 module, qualname = codec.decode(node["d"])
                 cls = codec._find_class(module, qualname)
-                return self._dataclass(cls, path, node.get("f", {}), flat)
+                return self._dataclass(cls, path, node.get("f", {}))
             if "l" in node:
                 order = sorted(node.get("o", {}).items())
-                flat.indexes[path] = {ident.decode(): frac for frac, ident in order}
-                items = node.get("i", {})
-                return [
-                    self._build((*path, "i", ident.decode()), items[ident.decode()], flat)
-                    for _, ident in order
-                ]
+                fracs = {ident.decode(): frac for frac, ident in order}
+                stored = node.get("i", {})
+                ids: list[str] = []
+                items: list[Any] = []
+                shadows: list[_Map] | None = []
+                for _, raw in order:
+                    ident = raw.decode()
+                    item, kid = self._build((*path, "i", ident), stored[ident])
+                    ids.append(ident)
+                    items.append(item)
+                    if shadows is not None and type(kid) is _Map:
+                        shadows.append(kid)
+                    else:
+                        shadows = None
+                if shadows is None or len(fracs) != len(order):  # an id listed twice
+                    return items, None
+                return items, _List(tuple(ids), tuple(shadows), fracs)
             chunks = node["v"]
-            return codec.decode(b"".join(chunks[n] for n in range(len(chunks))))
+            parts = tuple(chunks[n] for n in range(len(chunks)))
+            value = codec.decode(b"".join(parts))
+            return value, _Leaf(value, parts)
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, DecodeError):
                 raise
             raise DecodeError(
                 f"stored state is damaged at {path!r} under prefix {self.prefix!r}: {exc!r}"
             ) from None
+
+
+def _map_node(
+    cls: type, mark: bytes | None, names: list[str], values: list[Any], kids: list[_Node | None]
+) -> _Map | None:
+    if any(kid is None for kid in kids):
+        return None
+    return _Map(cls, mark, tuple(names), tuple(values), tuple(kids))  # type: ignore[arg-type]
