@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
+import datetime
 import random
 import uuid
 from typing import Any
@@ -13,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dgen
-from dgen import keys
+from dgen import codec, keys
 from dgen.codec import DecodeError, UnencodableError
-from dgen.layout import Flat, StateLayout, between, diff
+from dgen.layout import Flat, StateLayout, _list_ids, between, diff
 from dgen.store import Transaction
 
 PREFIX = keys.pack(("dgen", "tenant", "s"))
@@ -289,3 +291,355 @@ def test_unencodable_value_is_located() -> None:
     state = {"rooms": [{"id": "r1", "log": {"sock": object()}}]}
     with pytest.raises(UnencodableError, match=r"state\['rooms'\]\[id='r1'\]\['log'\]\['sock'\]"):
         layout().flatten(state)
+
+
+# -- incremental flatten: cost follows the change, never misses one -----------
+#
+# flatten(state, previous) skips what it can prove unchanged. These tests
+# compare it with a plain reference that lays out every key from scratch
+# (the pre-shadow algorithm, keeping the previous list indexes), so any change
+# the shortcut misses shows up as a differing key.
+
+
+def reference(lay: StateLayout, state: Any, indexes: dict[Any, dict[str, bytes]]) -> dict:
+    entries: dict[bytes, bytes] = {}
+
+    def key(path: tuple[Any, ...]) -> bytes:
+        return lay.prefix + keys.pack(path)
+
+    def node(path: tuple[Any, ...], value: Any) -> None:
+        if type(value) is dict and all(type(k) is str for k in value):
+            entries[key((*path, "m"))] = b""
+            for name, child in value.items():
+                node((*path, "f", name), child)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            cls = type(value)
+            entries[key((*path, "d"))] = codec.encode((cls.__module__, cls.__qualname__))
+            for f in dataclasses.fields(value):
+                node((*path, "f", f.name), getattr(value, f.name))
+        elif type(value) is list and (ids := _list_ids(value)) is not None:
+            entries[key((*path, "l"))] = b""
+            fracs = StateLayout._indexes(ids, indexes.get(path, {}))
+            for ident, item in zip(ids, value, strict=True):
+                entries[key((*path, "o", fracs[ident]))] = ident.encode()
+                node((*path, "i", ident), item)
+        else:
+            data = codec.encode(value)
+            for n, start in enumerate(range(0, max(len(data), 1), lay.chunk_size)):
+                entries[key((*path, "v", n))] = data[start : start + lay.chunk_size]
+
+    node((), state)
+    return entries
+
+
+def step(lay: StateLayout, state: Any, previous: Flat, stored: dict[bytes, bytes]) -> Flat:
+    """Flatten ``state`` over ``previous``; check it against the reference, the
+    diff against a full comparison, and that the stored keys rebuild ``state``."""
+    new = lay.flatten(state, previous)
+    assert new.entries == reference(lay, state, previous.indexes)
+    change = diff(previous, new)
+    assert change.sets == {k: v for k, v in new.entries.items() if previous.entries.get(k) != v}, (
+        "diff's sets differ from a full comparison"
+    )
+    assert sorted(change.clears) == sorted(k for k in previous.entries if k not in new.entries)
+    for k in change.clears:
+        del stored[k]
+    stored.update(change.sets)
+    assert stored == new.entries
+    assert lay.rebuild(sorted(stored.items()))[0] == state
+    return new
+
+
+def start(state: Any, limit: int = 100_000) -> tuple[StateLayout, Flat, dict[bytes, bytes]]:
+    lay = layout(limit)
+    flat = lay.flatten(state)
+    return lay, flat, dict(flat.entries)
+
+
+def test_in_place_change_of_a_nested_list_in_a_dict_is_written() -> None:
+    state: dict[str, Any] = {"room": {"log": [1, 2], "n": 0}, "other": "x"}
+    lay, flat, stored = start(state)
+    state["room"]["log"].append(3)  # same dict, same list object
+    flat = step(lay, state, flat, stored)
+    assert lay.rebuild(sorted(stored.items()))[0]["room"]["log"] == [1, 2, 3]
+    state["room"]["log"][0] = 10
+    flat = step(lay, state, flat, stored)
+    state["room"]["log"].clear()
+    step(lay, state, flat, stored)
+
+
+def test_in_place_change_inside_a_tuple_is_written() -> None:
+    # A tuple is immutable but what it holds need not be: identity proves nothing.
+    inner = [1]
+    state = {"t": (inner, "x")}
+    lay, flat, stored = start(state)
+    inner.append(2)
+    step(lay, state, flat, stored)
+    assert lay.rebuild(sorted(stored.items()))[0]["t"] == ([1, 2], "x")
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        (1, 1.0),
+        (1, True),
+        (0, False),
+        (0.0, -0.0),
+        ((1,), (1.0,)),
+        ("ab", "".join(["a", "b"])),
+        (None, ()),
+    ],
+)
+def test_equal_but_different_value_is_written(before: Any, after: Any) -> None:
+    assert before == after or before is None
+    state: dict[str, Any] = {"x": before, "items": [{"id": "a", "v": before}]}
+    lay, flat, stored = start(state)
+    state["x"] = after
+    flat = step(lay, state, flat, stored)
+    state["items"][0] = {"id": "a", "v": after}  # item replaced by an equal-looking copy
+    step(lay, state, flat, stored)
+    rebuilt = lay.rebuild(sorted(stored.items()))[0]
+    assert type(rebuilt["x"]) is type(after) and type(rebuilt["items"][0]["v"]) is type(after)
+    assert repr(rebuilt["x"]) == repr(after)  # -0.0 is not 0.0
+
+
+def test_in_place_changes_to_list_items_are_written() -> None:
+    state = [{"id": f"i{i}", "n": 0, "tags": ["t"], "meta": {"k": 1}} for i in range(50)]
+    lay, flat, stored = start(state)
+    state[3]["n"] += 1
+    flat = step(lay, state, flat, stored)
+    state[4]["tags"].append("u")  # a mutable leaf inside an item, mutated in place
+    flat = step(lay, state, flat, stored)
+    state[5]["meta"]["k"] = 2  # a nested dict inside an item
+    flat = step(lay, state, flat, stored)
+    state[6]["id"] = "renamed"  # an id changed in place
+    flat = step(lay, state, flat, stored)
+    state[7]["extra"] = 1
+    flat = step(lay, state, flat, stored)
+    del state[8]["meta"]
+    flat = step(lay, state, flat, stored)
+    state[9][1] = "non-str key: the list becomes one value"  # type: ignore[index]
+    flat = step(lay, state, flat, stored)
+    del state[9][1]  # type: ignore[arg-type]
+    step(lay, state, flat, stored)
+
+
+def test_in_place_changes_to_dataclasses_are_written() -> None:
+    state = {"items": [Item("a", 1, ("x",)), Item("b", 2)], "p": Point(1, 2.0)}
+    lay, flat, stored = start(state)
+    state["items"][1].qty = 3
+    flat = step(lay, state, flat, stored)
+    state["p"].y = 2  # float -> int, equal value
+    flat = step(lay, state, flat, stored)
+    state["items"][0].tags = ("x",)  # equal tuple, other object: nothing to write
+    flat = step(lay, state, flat, stored)
+    assert diff(flat, lay.flatten(state, flat)).keys_touched == 0
+    state["p"] = {"x": 1, "y": 2, "label": "p"}  # dataclass -> dict with the same fields
+    step(lay, state, flat, stored)
+
+
+def test_a_datetime_with_a_mutable_timezone_is_re_encoded() -> None:
+    class Shifting(datetime.tzinfo):
+        hours = 0
+
+        def utcoffset(self, dt: Any) -> datetime.timedelta:
+            return datetime.timedelta(hours=self.hours)
+
+    zone = Shifting()
+    stamp = datetime.datetime(2026, 1, 1, tzinfo=zone)
+    naive = datetime.datetime(2026, 1, 1)
+    lay = layout()
+    before = lay.flatten({"at": stamp, "naive": naive})
+    zone.hours = 2  # the same datetime object now encodes differently
+    after = lay.flatten({"at": stamp, "naive": naive}, before)
+    assert after.entries == reference(lay, {"at": stamp, "naive": naive}, {})
+    assert diff(before, after).keys_touched == 1
+
+
+def test_a_failed_attempt_leaves_the_previous_flattening_intact() -> None:
+    # The consumer flattens a mutated state; the commit fails; it rebuilds the
+    # state from the previous flattening and flattens again over it.
+    state = [{"id": f"i{i}", "n": 0, "log": [i]} for i in range(20)]
+    lay, flat, stored = start(state)
+    snapshot = dict(flat.entries)
+    state[2]["n"] = 99
+    state[3]["log"].append(1)
+    state.insert(0, {"id": "new", "n": 0, "log": []})
+    lay.flatten(state, flat)  # discarded, as if its transaction failed
+    assert flat.entries == snapshot
+    retry, _ = lay.rebuild(sorted(flat.entries.items()))
+    retry[5]["n"] = 7
+    step(lay, retry, flat, stored)
+
+
+def test_only_the_flattening_it_was_made_from_gets_the_shortcut_diff() -> None:
+    lay = layout()
+    a = lay.flatten(items(*"abc"))
+    b = lay.flatten(items(*"abd"), a)
+    other = lay.flatten(items(*"xyz"))
+    full = {k: v for k, v in b.entries.items() if other.entries.get(k) != v}
+    assert diff(other, b).sets == full and diff(other, b).clears == [
+        k for k in other.entries if k not in b.entries
+    ]
+    assert diff(None, b).sets == b.entries
+    # A flattening from another layout (prefix) is not used as a shadow.
+    elsewhere = StateLayout(keys.pack(("dgen", "other", "s")), 100_000)
+    c = elsewhere.flatten(items(*"abc"), a)
+    assert all(k.startswith(elsewhere.prefix) for k in c.entries)
+    assert diff(a, c).clears == list(a.entries)
+
+
+def test_flattenings_do_not_keep_their_predecessors_alive() -> None:
+    import gc
+    import weakref
+
+    lay = layout()
+    state = items(*"abc")
+    flat = lay.flatten(state)
+    first = weakref.ref(flat)
+    for n in range(5):
+        state[0]["v"] = n
+        flat = lay.flatten(state, flat)
+    gc.collect()
+    assert first() is None
+
+
+def test_a_rebuilt_state_flattens_incrementally_and_correctly() -> None:
+    state = {"items": [{"id": f"i{i}", "n": i} for i in range(30)], "p": Point(1, 2.0)}
+    lay, _, stored = start(state)
+    rebuilt, read = lay.rebuild(sorted(stored.items()))
+    rebuilt["items"][4]["n"] = -1
+    after = step(lay, rebuilt, read, stored)
+    assert diff(read, after).keys_touched == 1
+    # An older stored layout (a field missing, filled by its default) must get
+    # the default written; a stray key must be cleared.
+    older = {k: v for k, v in stored.items() if b"label" not in k}
+    rebuilt, read = lay.rebuild(sorted(older.items()))
+    rebuilt["items"][0]["n"] = 5
+    new = lay.flatten(rebuilt, read)
+    assert any(b"label" in k for k in diff(read, new).sets)
+    assert new.entries == reference(lay, rebuilt, read.indexes)
+    stray = lay.prefix + keys.pack(("f", "items", "v", 0))
+    rebuilt, read = lay.rebuild(sorted({**stored, stray: codec.encode("junk")}.items()))
+    rebuilt["items"][0]["n"] = 6
+    new = lay.flatten(rebuilt, read)
+    assert stray in diff(read, new).clears
+    assert new.entries == reference(lay, rebuilt, read.indexes)
+
+
+def test_a_key_renamed_in_place_is_written() -> None:
+    # Same length, same value objects, another key: identity of the values alone
+    # must not pass for "unchanged".
+    value = "shared value"
+    state = [{"id": "a", "n": value}, {"id": "b", "n": 1}]
+    lay, flat, stored = start(state)
+    state[0]["m"] = state[0].pop("n")
+    flat = step(lay, state, flat, stored)
+    top = {"x": value, "y": 2}
+    lay, flat, stored = start(top)
+    top["z"] = top.pop("x")
+    step(lay, top, flat, stored)
+
+
+def test_unchanged_state_costs_no_encoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not a timing: count the leaves encoded. A one-item change in a list of
+    # fixed leaves re-encodes that item's changed leaf only.
+    state = [{"id": f"i{i}", "n": 0, "name": f"item {i}"} for i in range(200)]
+    lay = layout()
+    flat = lay.flatten(state)
+    calls: list[Any] = []
+    real = codec.encode
+
+    def counting(value: Any) -> bytes:
+        calls.append(value)
+        return real(value)
+
+    monkeypatch.setattr(codec, "encode", counting)
+    flat = lay.flatten(state, flat)
+    assert calls == []
+    state[17]["n"] += 1
+    new = lay.flatten(state, flat)
+    assert calls == [1]
+    assert diff(flat, new).keys_touched == 1
+
+
+# Random in-place edits of one state object, checked against the reference.
+
+
+def random_leaf(rng: random.Random) -> Any:
+    return rng.choice(
+        [0, 1, 1.0, -0.0, 0.0, True, False, None, "s", "", b"b", (1, "t"), (1.0,), ([1],), [1, 2],
+         {1: "int key"}, {"x"}, frozenset({2}), datetime.date(2026, 1, 1), rng.random()]
+    )  # fmt: skip
+
+
+def random_value(rng: random.Random, depth: int) -> Any:
+    roll = rng.random()
+    if depth <= 0 or roll < 0.4:
+        return random_leaf(rng)
+    if roll < 0.65:
+        return {rng.choice("abcd"): random_value(rng, depth - 1) for _ in range(rng.randrange(4))}
+    if roll < 0.9:
+        ids = rng.sample("pqrstu", rng.randrange(1, 5))
+        return [{"id": i, "v": random_value(rng, depth - 1)} for i in ids]
+    return Item(rng.choice("xyz"), rng.randrange(3), rng.choice([(), ("t",)]))
+
+
+def containers(value: Any, out: list[Any]) -> list[Any]:
+    if type(value) in (dict, list) or dataclasses.is_dataclass(value):
+        out.append(value)
+        children = (
+            value.values()
+            if type(value) is dict
+            else value
+            if type(value) is list
+            else [getattr(value, f.name) for f in dataclasses.fields(value)]
+        )
+        for child in children:
+            containers(child, out)
+    elif type(value) is tuple:
+        for child in value:
+            containers(child, out)
+    return out
+
+
+def mutate(rng: random.Random, state: dict[str, Any]) -> None:
+    """One in-place edit somewhere in ``state``."""
+    target = rng.choice(containers(state, []))
+    if type(target) is dict:
+        roll = rng.random()
+        if roll < 0.5 or not target:
+            target[rng.choice("abcd")] = random_value(rng, 2)
+        elif roll < 0.7:
+            del target[rng.choice(list(target))]
+        elif roll < 0.8:
+            name = rng.choice(list(target))
+            target[name] = copy.deepcopy(target[name])  # equal, other objects
+        else:
+            name = rng.choice(list(target))  # re-insert: same content, new key order
+            target[name] = target.pop(name)
+    elif type(target) is list:
+        roll = rng.random()
+        if roll < 0.3:
+            target.insert(rng.randrange(len(target) + 1), random_value(rng, 1))
+        elif roll < 0.5 and target:
+            target.pop(rng.randrange(len(target)))
+        elif roll < 0.7 and len(target) > 1:
+            target.insert(rng.randrange(len(target)), target.pop(rng.randrange(len(target))))
+        elif target:
+            pos = rng.randrange(len(target))
+            target[pos] = copy.deepcopy(target[pos])
+        else:
+            target.append(random_leaf(rng))
+    else:
+        target.qty = rng.choice([0, 1, 1.0, True])
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_in_place_edits_match_the_reference(seed: int) -> None:
+    rng = random.Random(seed)
+    state = {"root": random_value(rng, 3), "list": random_value(rng, 3), "n": 0}
+    lay, flat, stored = start(state, limit=rng.choice([8, 100_000]))
+    for _ in range(40):
+        mutate(rng, state)
+        flat = step(lay, state, flat, stored)
