@@ -43,7 +43,7 @@ import datetime
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
-from itertools import compress, repeat
+from itertools import compress, count, repeat
 from operator import is_, is_not
 from typing import Any
 
@@ -484,36 +484,35 @@ class _Walk:
         list of items with unique str ids (then it is a leaf). Writes nothing
         before it knows."""
         before = old.items
-        before_ids = old.ids
-        count = len(before)
-        ids: list[str] = []
-        items: list[_Map | None] = []
         todo: list[int] = []
-        for pos, item in enumerate(value):
-            if pos < count:
-                # Fast path: a dict or dataclass whose children are the same
-                # fixed leaves as the item laid out at this position.
-                prev = before[pos]
-                if not prev.walk and type(item) is prev.cls:
-                    if prev.mark is None:
-                        same = (
-                            len(item) == len(prev.names)
-                            and all(map(is_, item.values(), prev.objs))
-                            and all(map(is_, item, prev.names))
-                        )
-                    else:
-                        same = all(map(is_, map(getattr, repeat(item), prev.names), prev.objs))
-                    if same:
-                        ids.append(before_ids[pos])
-                        items.append(prev)
-                        continue
-            ident = _item_id(item)
+        # Fast path, the hot loop of a large list: an item that is a dict (or
+        # dataclass) whose children are the same fixed leaves, under the same
+        # keys, as the item laid out at its position is unchanged, id included.
+        for pos, item, prev in zip(count(), value, before):
+            if prev.walk or type(item) is not prev.cls:
+                todo.append(pos)
+            elif prev.mark is None:
+                if not (
+                    len(item) == len(prev.names)
+                    and all(map(is_, item.values(), prev.objs))
+                    and all(map(is_, item, prev.names))
+                ):
+                    todo.append(pos)
+            elif not all(map(is_, map(getattr, repeat(item), prev.names), prev.objs)):
+                todo.append(pos)
+        todo.extend(range(len(before), len(value)))
+        ids = list(old.ids[: len(value)])
+        ids.extend(repeat("", len(value) - len(ids)))
+        items: list[_Map | None] = list(before[: len(value)])
+        items.extend(repeat(None, len(value) - len(items)))
+        for pos in todo:
+            ident = _item_id(value[pos])
             if ident is None:
                 return None
-            ids.append(ident)
-            items.append(None)
-            todo.append(pos)
+            ids[pos] = ident
+            items[pos] = None
         new_ids = tuple(ids)
+        before_ids = old.ids
         same_order = new_ids == before_ids
         if not todo and same_order:
             return old
