@@ -16,11 +16,12 @@ the consumers after their deadline (see docs/runtime.md).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from dgen import codec
@@ -58,12 +59,19 @@ class Handle:
         # finds the slot gone drops its reply (it reads the slot first).
         self._finished: dict[bytes, bool] = {}
 
-    def _pending_clears(self) -> dict[bytes, bool]:
-        return dict(itertools.islice(self._finished.items(), _CLEARS_PER_COMMIT))
-
-    def _cleared(self, slots: Iterable[bytes]) -> None:
+    @contextlib.contextmanager
+    def _claim(self) -> Iterator[dict[bytes, bool]]:
+        """Take up to 64 finished slots for one transaction to clear; they
+        go back if it fails. Taking them (rather than reading) lets concurrent
+        enqueues clear different slots, so the backlog cannot outgrow them."""
+        slots = dict(itertools.islice(self._finished.items(), _CLEARS_PER_COMMIT))
         for slot in slots:
-            self._finished.pop(slot, None)
+            del self._finished[slot]
+        try:
+            yield slots
+        except BaseException:
+            self._finished.update(slots)
+            raise
 
     async def clear_finished(self) -> int:
         """Remove the reply slots of this handle's finished calls now, in one
@@ -71,9 +79,8 @@ class Handle:
         them anyway, and consumers collect them a minute after their deadline."""
         count = 0
         while self._finished:
-            slots = self._pending_clears()
-            await self.db.run(functools.partial(_cleared_in, slots=slots))
-            self._cleared(slots)
+            with self._claim() as slots:
+                await self.db.run(functools.partial(_cleared_in, slots=slots))
             count += len(slots)
         return count
 
@@ -112,32 +119,32 @@ class Handle:
         expires = int(time.time()) + _RECEIPT_SECONDS
         receipt, offset = self.keys.receipt(expires, token)
         checking = False
-        clears = self._pending_clears()
 
-        async def send(tr: Transaction) -> asyncio.Future[bytes]:
-            if checking:
-                found = await tr.get_range(*self.keys.receipts_of(expires, token), limit=1)
-                if found:
-                    stamp = unpack(found[0][0], len(self.keys.prefix))[-1]
-                    assert isinstance(stamp, Versionstamp) and stamp.tr_version is not None
-                    done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-                    done.set_result(stamp.tr_version)
-                    return done
-            _clear_slots(tr, clears)
-            for i, record in enumerate(records):
-                enqueue(tr, self.keys, record, i, max_value)
-            tr.set_versionstamped_key(receipt, offset, b"")
-            return asyncio.ensure_future(tr.get_versionstamp())
+        with self._claim() as clears:  # (a found receipt: the first commit cleared them)
 
-        for attempt in range(_UNKNOWN_RETRIES + 1):
-            try:
-                stamp = await (await self.db.run(send))
-                break
-            except CommitUnknownError:
-                if attempt == _UNKNOWN_RETRIES:
-                    raise
-                checking = True
-        self._cleared(clears)  # (a found receipt means the first commit cleared them)
+            async def send(tr: Transaction) -> asyncio.Future[bytes]:
+                if checking:
+                    found = await tr.get_range(*self.keys.receipts_of(expires, token), limit=1)
+                    if found:
+                        stamp = unpack(found[0][0], len(self.keys.prefix))[-1]
+                        assert isinstance(stamp, Versionstamp) and stamp.tr_version is not None
+                        done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+                        done.set_result(stamp.tr_version)
+                        return done
+                _clear_slots(tr, clears)
+                for i, record in enumerate(records):
+                    enqueue(tr, self.keys, record, i, max_value)
+                tr.set_versionstamped_key(receipt, offset, b"")
+                return asyncio.ensure_future(tr.get_versionstamp())
+
+            for attempt in range(_UNKNOWN_RETRIES + 1):
+                try:
+                    stamp = await (await self.db.run(send))
+                    break
+                except CommitUnknownError:
+                    if attempt == _UNKNOWN_RETRIES:
+                        raise
+                    checking = True
         return [(stamp + i.to_bytes(2, "big")).hex() for i in range(len(records))]
 
     async def call(self, request: Any, timeout: float = 5.0) -> Any:  # noqa: ASYNC109 (GenServer API)
@@ -165,21 +172,21 @@ class Handle:
         slot = self.keys.reply_slot(deadline, uuid.uuid4().bytes)
         record = encode_record("call", payload, slot)
         max_value = self.db.limits.max_value_size
-        clears = self._pending_clears()
 
-        async def send(tr: Transaction) -> Watch:
-            _clear_slots(tr, clears)
-            enqueue(tr, self.keys, record, 0, max_value)
-            tr.set(slot, b"")
-            # The baseline is this write, so arming the watch reads nothing.
-            return tr.watch(slot)
+        with self._claim() as clears:
 
-        try:
-            watch = await self.db.run(send)
-        except (asyncio.CancelledError, CommitUnknownError):
-            self._finished[slot] = False  # it may have been committed
-            raise
-        self._cleared(clears)
+            async def send(tr: Transaction) -> Watch:
+                _clear_slots(tr, clears)
+                enqueue(tr, self.keys, record, 0, max_value)
+                tr.set(slot, b"")
+                # The baseline is this write, so arming the watch reads nothing.
+                return tr.watch(slot)
+
+            try:
+                watch = await self.db.run(send)
+            except (asyncio.CancelledError, CommitUnknownError):
+                self._finished[slot] = False  # it may have been committed
+                raise
         try:
             while True:
                 try:
@@ -190,7 +197,7 @@ class Handle:
                 finally:
                     watch.cancel()
                 # Read-only: its commit writes nothing (no fsync) on every backend.
-                outcome = await self.db.run(lambda tr: self._read_reply(tr, slot))
+                outcome = await self.db.run(lambda tr: self._check_slot(tr, slot))
                 if isinstance(outcome, Watch):
                     watch = outcome  # spurious wake-up: wait again
                     continue
@@ -209,7 +216,7 @@ class Handle:
                 self._finished[slot] = True
             raise
 
-    async def _read_reply(
+    async def _check_slot(
         self, tr: Transaction, slot: bytes
     ) -> tuple[bytes | MessageDroppedError, bool] | Watch:
         """The reply (or the error left instead) and whether it has chunk
@@ -229,34 +236,25 @@ class Handle:
     async def _remove_dropped(self, slot: bytes) -> None:
         """Remove the slot of a dropped message before its error is raised
         (errors are rare; this commit is off the normal path)."""
-        clears = self._pending_clears()
-
-        async def remove(tr: Transaction) -> None:
-            _clear_slots(tr, clears)
-            _clear_slots_now(tr, slot)
-
         try:
-            await self.db.run(remove)
+            with self._claim() as clears:
+                await self.db.run(functools.partial(_cleared_in, slots={**clears, slot: True}))
         except Exception:
             self._finished[slot] = True  # the error still reaches the caller
-        else:
-            self._cleared(clears)
 
     async def _give_up(self, slot: bytes, waited: float) -> Any:
-        clears = self._pending_clears()
+        with self._claim() as clears:
 
-        async def remove(tr: Transaction) -> bytes | MessageDroppedError | None:
-            # Reading the slot makes this conflict with a consumer writing the
-            # reply concurrently: either the reply is read here, or the consumer
-            # finds the slot gone and drops it.
-            value = await tr.get(slot)
-            data = await _read_reply(tr, slot) if value else None
-            _clear_slots(tr, clears)
-            _clear_slots_now(tr, slot)
-            return data
+            async def remove(tr: Transaction) -> bytes | MessageDroppedError | None:
+                # Reading the slot makes this conflict with a consumer writing the
+                # reply concurrently: either the reply is read here, or the
+                # consumer finds the slot gone and drops it.
+                value = await tr.get(slot)
+                data = await _read_reply(tr, slot) if value else None
+                _clear_slots(tr, {**clears, slot: True})
+                return data
 
-        data = await self.db.run(remove)
-        self._cleared(clears)
+            data = await self.db.run(remove)
         if isinstance(data, MessageDroppedError):
             raise data
         if data is not None:  # the reply landed just as we timed out
@@ -275,10 +273,6 @@ def _clear_slots(tr: Transaction, slots: Mapping[bytes, bool]) -> None:
         tr.clear(slot)
         if chunked:
             tr.clear_range(slot + b"\x00", slot + b"\xff")
-
-
-def _clear_slots_now(tr: Transaction, slot: bytes) -> None:
-    _clear_slots(tr, {slot: True})
 
 
 async def _cleared_in(tr: Transaction, slots: Mapping[bytes, bool]) -> None:

@@ -201,6 +201,17 @@ async def test_many_calls_leave_no_more_slots_than_are_in_flight(db: Database) -
     assert await slot_keys(db, "many") == []
 
 
+async def test_concurrent_calls_clear_different_finished_slots(db: Database) -> None:
+    h = dgen.handle(db, "waves")
+    async with dgen.start(Echo(), db, "waves"):
+        for _ in range(3):
+            results = await asyncio.gather(*(h.call(i, timeout=WAIT) for i in range(100)))
+            assert results == list(range(100))
+        # Each wave's enqueues took the previous wave's 100 slots between them
+        # (64 + 36), so only the last wave's are left, not a growing backlog.
+        assert len(await slot_keys(db, "waves")) == 100
+
+
 async def test_a_large_reply_is_read_whole_and_its_chunks_cleared(db: Database) -> None:
     h = dgen.handle(db, "big")
     async with dgen.start(Echo(), db, "big"):
