@@ -97,6 +97,7 @@ def changes(old: Any, new: Any) -> tuple[dict[bytes, bytes], list[bytes], Flat]:
     lay = layout()
     before = lay.flatten(old)
     after = lay.flatten(new, before)
+    assert after.entries == reference(lay, new, before.indexes)
     result = diff(before, after)
     applied = dict(before.entries)
     for key in result.clears:
