@@ -181,7 +181,7 @@ async def test_a_finished_slot_is_cleared_by_the_next_enqueue(db: Database) -> N
         await h.cast("c")
         assert await slot_keys(db, "next") == []
         assert await running.call("count", timeout=WAIT) == 4  # the cast was applied
-    assert await running.clear_finished() == 1
+    await running.clear_finished()  # the last call's slot (unless leaving the block did it)
     assert await slot_keys(db, "next") == []
 
 
