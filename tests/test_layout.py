@@ -644,3 +644,16 @@ def test_random_in_place_edits_match_the_reference(seed: int) -> None:
     for _ in range(40):
         mutate(rng, state)
         flat = step(lay, state, flat, stored)
+
+
+def test_unencodable_value_is_located_in_an_incremental_flatten() -> None:
+    state: dict[str, Any] = {"rooms": [{"id": f"r{i}", "log": {"a": 1}} for i in range(10)]}
+    lay = layout()
+    flat = lay.flatten(state)
+    state["rooms"][3]["log"]["sock"] = object()
+    with pytest.raises(UnencodableError, match=r"state\['rooms'\]\[id='r3'\]\['log'\]\['sock'\]"):
+        lay.flatten(state, flat)
+    del state["rooms"][3]["log"]["sock"]
+    state["n"] = object()
+    with pytest.raises(UnencodableError, match=r"state\['n'\]"):
+        lay.flatten(state, flat)
