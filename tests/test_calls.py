@@ -18,7 +18,7 @@ import pytest
 
 import dgen
 from dgen.queue import TenantKeys
-from dgen.store import Database, KeyValue, Transaction, Watch
+from dgen.store import CommitUnknownError, Database, KeyValue, Transaction, Watch
 
 pytestmark = pytest.mark.anyio
 
@@ -83,6 +83,13 @@ class CountingTransaction(Transaction):
         return watch
 
     async def commit(self) -> None:
+        if self.wrote and self.outer.faults:
+            fault = self.outer.faults.pop(0)
+            if fault == "applied":
+                await self.inner.commit()
+            else:
+                await self.inner.rollback()
+            raise CommitUnknownError(f"injected: commit {fault}, outcome unknown")
         await self.inner.commit()
         if self.wrote:
             self.outer.write_commits += 1
@@ -98,8 +105,9 @@ class CountingTransaction(Transaction):
 
 
 class CountingDatabase(Database):
-    def __init__(self, inner: Database, spurious: int = 0) -> None:
+    def __init__(self, inner: Database, spurious: int = 0, faults: list[str] | None = None) -> None:
         self.inner = inner
+        self.faults = faults or []
         self.limits = inner.limits
         self.capabilities = inner.capabilities
         self.write_commits = 0
@@ -317,3 +325,20 @@ async def test_a_removed_slot_is_a_reply_lost_error_and_nothing_is_left(db: Data
         await running.clear_finished()
     assert await slot_keys(db, "lost") == []
     assert await h.clear_finished() == 0  # a lost slot is not remembered
+
+
+@pytest.mark.parametrize("fault", ["applied", "lost"])
+async def test_a_call_whose_commit_outcome_is_unknown_leaves_no_slot(
+    db: Database, fault: str
+) -> None:
+    counting = CountingDatabase(db, faults=[fault])
+    h = dgen.handle(counting, "unknown")
+    with pytest.raises(CommitUnknownError):
+        await h.call("x", timeout=WAIT)
+    assert len(await slot_keys(db, "unknown")) == (fault == "applied")
+    await h.cast("y")  # clears the slot an applied commit left
+    assert await slot_keys(db, "unknown") == []
+    async with dgen.start(Echo(), db, "unknown") as running:
+        assert await running.call("count", timeout=WAIT) == (3 if fault == "applied" else 2)
+        await running.clear_finished()
+        assert await slot_keys(db, "unknown") == []  # x's reply found no slot
