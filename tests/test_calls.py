@@ -10,8 +10,11 @@ consumer runs on the unwrapped database.
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -342,3 +345,49 @@ async def test_a_call_whose_commit_outcome_is_unknown_leaves_no_slot(
         assert await running.call("count", timeout=WAIT) == (3 if fault == "applied" else 2)
         await running.clear_finished()
         assert await slot_keys(db, "unknown") == []  # x's reply found no slot
+
+
+CALLER = """
+import asyncio, sys
+import dgen
+
+async def main():
+    async with dgen.connect(sys.argv[1]) as db:
+        print("calling", flush=True)
+        await dgen.handle(db, "crash").call("x", timeout=600)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_killed_callers_slot_is_collected_after_its_deadline(
+    db: Database, store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not db.capabilities.cross_process:
+        pytest.skip("the store cannot be shared with another process")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CALLER, store_url, env=env, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+
+        async def slot_exists() -> bool:
+            return len(await slot_keys(db, "crash")) == 1
+
+        await eventually(slot_exists, "the caller's slot")
+    finally:
+        proc.kill()  # SIGKILL: no cancellation, no cleanup
+        await proc.wait()
+    assert len(await slot_keys(db, "crash")) == 1  # left behind
+    # Pretend its deadline (call time + 601 s) is more than the grace period past.
+    monkeypatch.setattr(sys.modules["dgen.consumer"], "_REPLY_GRACE_SECONDS", -700)
+    async with dgen.start(Echo(), db, "crash") as running:
+
+        async def collected() -> bool:
+            return await slot_keys(db, "crash") == []
+
+        await eventually(collected, "the consumer's collection at start")
+        monkeypatch.undo()  # (the next collection is a minute away anyway)
+        assert await running.call("count", timeout=WAIT) == 2  # "x" ran, its reply dropped
+        await running.clear_finished()
+        assert await slot_keys(db, "crash") == []
