@@ -259,10 +259,20 @@ class _SQL:
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; "
             "SELECT version, pruned FROM {s}.dgen_clock WHERE id = 1"
         )
+        # The commit and its notification in one statement, so one implicit
+        # transaction: listeners hear of exactly the commits that happened.
+        # The payload is "<origin> <version> <key hashes>"; the hashes of
+        # ordered-commit keys need the version, so the server computes them.
         self.commit = q(
-            "SELECT {s}.dgen_commit(%s, %s::bytea[], %s::bytea[], %s::bytea[], %s::bytea[], "
-            "%s::bytea[], %s::bytea[], %s::bytea[], %s::bytea[], %s::numeric[], %s::bytea[], "
-            "%s::int[], %s::bytea[], %s, %s)"
+            "SELECT c.v, pg_notify(%(channel)s::text, %(origin)s::text || ' ' || c.v"
+            " || %(hashes)s::text || coalesce((SELECT string_agg(' ' || left(encode(sha256("
+            "overlay(t.k PLACING int8send(c.v) || '\\x0000'::bytea FROM t.o + 1 FOR 10)),"
+            " 'hex'), 12), '')"
+            " FROM unnest(%(hk)s::bytea[], %(ho)s::int[]) AS t(k, o)), ''))"
+            " FROM (SELECT {s}.dgen_commit(%(rv)s::bigint, %(rb)s::bytea[], %(re)s::bytea[],"
+            " %(cb)s::bytea[], %(ce)s::bytea[], %(ck)s::bytea[], %(sk)s::bytea[],"
+            " %(sv)s::bytea[], %(ak)s::bytea[], %(ad)s::numeric[], %(tk)s::bytea[],"
+            " %(to)s::int[], %(tv)s::bytea[], %(lw)s::bigint, %(pe)s::bigint) AS v) AS c"
         )
         self.get = q("SELECT value FROM {s}.dgen_kv WHERE key = %s")
         self.get_many = q("SELECT key, value FROM {s}.dgen_kv WHERE key = ANY(%s)")
@@ -428,42 +438,42 @@ class PostgresTransaction(BufferedTransaction):
                 set_values.append(op.value)
         read = self._conn is not None
         begins, ends = _merge(self.read_ranges) if read else ([], [])
-        params = (
-            self._read_version, begins, ends,
-            [b for b, _ in buf.cleared], [e for _, e in buf.cleared],
-            clears, set_keys, set_values, add_keys, add_deltas,
-            [k for k, _, _ in buf.stamped], [o for _, o, _ in buf.stamped],
-            [v for _, _, v in buf.stamped],
-            LOG_WINDOW, _PRUNE_EVERY,
-        )  # fmt: skip
+        cleared = list(buf.cleared)
+        written = [*clears, *set_keys, *add_keys]
+        watches = self._db.watches
+        if cleared or len(written) + len(buf.stamped) > _NOTIFY_LIMIT // 13:
+            hashes, hashed = " " + _ALL, []
+        else:
+            hashes, hashed = "".join(" " + _key_hash(k) for k in written), buf.stamped
+        params = {
+            "channel": watches.channel, "origin": watches.origin, "hashes": hashes,
+            "hk": [k for k, _, _ in hashed], "ho": [o for _, o, _ in hashed],
+            "rv": self._read_version, "rb": begins, "re": ends,
+            "cb": [b for b, _ in cleared], "ce": [e for _, e in cleared],
+            "ck": clears, "sk": set_keys, "sv": set_values, "ak": add_keys, "ad": add_deltas,
+            "tk": [k for k, _, _ in buf.stamped], "to": [o for _, o, _ in buf.stamped],
+            "tv": [v for _, _, v in buf.stamped],
+            "lw": LOG_WINDOW, "pe": _PRUNE_EVERY,
+        }  # fmt: skip
 
-        # One round trip that validates, applies and commits. Never prepared:
-        # psycopg loses track of a PREPARE queued in a pipeline that
-        # dgen_commit aborts with a conflict.
+        # One statement, which runs as its own transaction (sessions default
+        # to READ COMMITTED): it validates, applies, notifies and commits.
+        # Prepared: planning it costs more than running it. Not pipelined
+        # with the ROLLBACK of the read snapshot: psycopg's pipeline costs
+        # more time than the round trip it saves (docs/postgres.md).
         if self._conn is None:
             await self._checkout(_assume_alive)  # write-only: no snapshot to end
         conn = self._conn
         assert conn is not None
+        if read:
+            with _errors(self._db.url, conn):
+                await conn.execute("ROLLBACK", prepare=False)  # nothing applied yet
+        self._open_tx = False
         failed: psycopg.Error | None = None
         try:
-            async with conn.pipeline():
-                # An error raised out of this block (a conflict whose result
-                # arrived before COMMIT was queued) would make psycopg log the
-                # pipeline's own "pipeline aborted" at WARNING as it exits:
-                # keep the first error, and let the exit fail quietly after it.
-                try:
-                    if read:
-                        await conn.execute("ROLLBACK", prepare=False)  # the read snapshot
-                    await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED", prepare=False)
-                    cur = await conn.execute(self._db.sql.commit, params, prepare=False)
-                    await conn.execute("COMMIT", prepare=False)
-                except psycopg.Error as exc:
-                    failed = exc
+            cur = await conn.execute(self._db.sql.commit, params, prepare=True)
         except psycopg.Error as exc:
-            if failed is None:
-                failed = exc
-            elif not isinstance(exc, psycopg.errors.PipelineAborted):
-                log.debug("ending the failed commit's pipeline: %s", _clean(exc, self._db.url))
+            failed = exc
         if failed is not None:
             lost = isinstance(failed, psycopg.OperationalError)
             raise _map_error(failed, self._db.url, committing=lost) from failed
@@ -471,10 +481,9 @@ class PostgresTransaction(BufferedTransaction):
         row = await cur.fetchone()
         assert row is not None
         version = int(row[0])
-        written = [*clears, *set_keys, *add_keys]
         stamp = version.to_bytes(8, "big") + b"\x00\x00"
         written += [k[:o] + stamp + k[o + 10 :] for k, o, _ in buf.stamped]
-        self._db.watches.committed(written, whole=bool(buf.cleared))
+        watches.committed(written, cleared)
         return stamp
 
     def _register_watch(self, watch: Watch, baseline: object) -> None:
@@ -506,7 +515,8 @@ class PostgresTransaction(BufferedTransaction):
 
 
 def _key_hash(key: bytes) -> str:
-    return hashlib.blake2b(key, digest_size=6).hexdigest()
+    # The server computes the same for ordered-commit keys (left(encode(sha256(k)...))).
+    return hashlib.sha256(key).hexdigest()[:12]
 
 
 class _Watches:
@@ -520,27 +530,18 @@ class _Watches:
         self.channel = f"dgen_{digest}"
         self.waiting: dict[bytes, list[tuple[Watch, object]]] = {}
         self.hashes: dict[str, bytes] = {}
-        self._outbox: set[str] = set()
-        self._outbox_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._checks: set[asyncio.Task[None]] = set()
         self.reconnects = 0
         self._stopping = False
 
     def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._listen(), name="dgen-postgres-listener"),
-            asyncio.create_task(self._notify(), name="dgen-postgres-notifier"),
-        ]
+        self._tasks = [asyncio.create_task(self._listen(), name="dgen-postgres-listener")]
 
     async def stop(self) -> None:
         # Python 3.11's wait_for (used inside psycopg_pool) can swallow a
         # cancellation, so do not trust one cancel: flag, cancel again, bound.
         self._stopping = True
-        self._outbox_ready.set()
-        # The notifier sends what is pending, then ends: a process that
-        # commits and exits at once still wakes the others.
-        await asyncio.wait(self._tasks[1:], timeout=2.0)
         tasks = [*self._tasks, *self._checks]
         for _ in range(100):
             pending = [t for t in tasks if not t.done()]
@@ -566,20 +567,25 @@ class _Watches:
         self.hashes[_key_hash(watch.key)] = watch.key
         self._spawn_check([watch.key])  # it may have changed since the snapshot
 
-    def committed(self, keys: list[bytes], *, whole: bool) -> None:
-        """A local commit wrote ``keys`` (or cleared ranges, if ``whole``)."""
-        hashes = {_key_hash(k) for k in keys}
-        if whole or len(self._outbox) + len(hashes) > _NOTIFY_LIMIT // 13:
-            self._outbox = {_ALL}
-        elif _ALL not in self._outbox:
-            self._outbox |= hashes
-        self._outbox_ready.set()
-        if whole:
-            self._spawn_check(None)
-        else:
-            local = [k for k in keys if k in self.waiting]
-            if local:
-                self._spawn_check(local)
+    def committed(self, keys: list[bytes], cleared: list[tuple[bytes, bytes]]) -> None:
+        """A local commit wrote ``keys`` and cleared the ranges ``cleared``.
+
+        Their watches fire without a re-read: a watch may fire spuriously
+        (the same value written again), never late.
+        """
+        if not self.waiting:
+            return
+        for key in keys:
+            if key in self.waiting:
+                self._fire(key)
+        for begin, end in cleared:
+            for key in [k for k in self.waiting if begin <= k < end]:
+                self._fire(key)
+
+    def _fire(self, key: bytes) -> None:
+        for watch, _ in self.waiting.pop(key, ()):
+            watch._fire()
+        self.hashes.pop(_key_hash(key), None)
 
     def fire_all(self) -> None:
         for entries in self.waiting.values():
@@ -620,23 +626,6 @@ class _Watches:
                 self.waiting.pop(key, None)
                 self.hashes.pop(_key_hash(key), None)
 
-    async def _notify(self) -> None:
-        while not self._stopping:
-            await self._outbox_ready.wait()
-            self._outbox_ready.clear()
-            batch, self._outbox = self._outbox, set()
-            if batch:
-                await self._send(batch)
-
-    async def _send(self, batch: set[str]) -> None:
-        payload = self.origin + " " + " ".join(sorted(batch))
-        try:
-            async with _pooled(self.db.pool) as conn:
-                await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, payload))
-        except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
-            # Listeners that missed it reconnect (and fire) or poll.
-            log.debug("pg_notify failed: %s", _clean(exc, self.db.url))
-
     async def _listen(self) -> None:
         delay, connected_once = 0.05, False
         while not self._stopping:
@@ -670,13 +659,15 @@ class _Watches:
         origin, _, rest = payload.partition(" ")
         if origin == self.origin or not self.waiting:
             return
+        _version, _, rest = rest.partition(" ")
         hashes = rest.split()
         if _ALL in hashes:
             self._spawn_check(None)
             return
-        keys = [self.hashes[h] for h in hashes if h in self.hashes]
-        if keys:
-            self._spawn_check(keys)
+        for h in hashes:
+            key = self.hashes.get(h)
+            if key is not None:
+                self._fire(key)
 
 
 # -- the database -------------------------------------------------------------
@@ -779,7 +770,10 @@ def _parse(url: URL) -> tuple[str, str, int, float, int]:
         "connect_timeout": timeout,
         # JIT compiling costs tens of milliseconds and never pays off for
         # DGen's one-row statements.
-        "options": f"-c synchronous_commit={sync} -c jit=off",
+        "options": (
+            f"-c synchronous_commit={sync} -c jit=off "
+            "-c default_transaction_isolation=read\\ committed"
+        ),
     }
     conninfo = psycopg.conninfo.make_conninfo(
         **{k: str(v) for k, v in params.items() if v is not None}
