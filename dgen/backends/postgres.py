@@ -20,10 +20,10 @@ and aborts transactions FoundationDB commits (docs/postgres.md):
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
-import secrets
 import select
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -69,6 +69,7 @@ OPTIONS = (
 _SYNC_LEVELS = ("on", "off", "local", "remote_write", "remote_apply")
 _NOTIFY_LIMIT = 7900  # pg_notify payloads must stay under 8000 bytes
 _ALL = "*"
+_HISTORY = 20_000  # key writes the listener remembers (see _Watches.add)
 
 # PostgreSQL B-tree entries are limited to about 2700 bytes, and every key is
 # a primary-key entry: a smaller key limit than FoundationDB's 10,000 bytes.
@@ -254,6 +255,7 @@ class _SQL:
 
         self.ddl = q(_DDL)
         self.version = q("SELECT value FROM {s}.dgen_meta WHERE name = 'schema_version'")
+        self.clock = q("SELECT version FROM {s}.dgen_clock WHERE id = 1")
         # One round trip: a snapshot and the commit version it reflects.
         self.begin_read = q(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; "
@@ -261,13 +263,12 @@ class _SQL:
         )
         # The commit and its notification in one statement, so one implicit
         # transaction: listeners hear of exactly the commits that happened.
-        # The payload is "<origin> <version> <key hashes>"; the hashes of
+        # The payload is "<version> <key hashes>"; the hashes of
         # ordered-commit keys need the version, so the server computes them.
         self.commit = q(
-            "SELECT c.v, pg_notify(%(channel)s::text, %(origin)s::text || ' ' || c.v"
-            " || %(hashes)s::text || coalesce((SELECT string_agg(' ' || left(encode(sha256("
-            "overlay(t.k PLACING int8send(c.v) || '\\x0000'::bytea FROM t.o + 1 FOR 10)),"
-            " 'hex'), 12), '')"
+            "SELECT c.v, pg_notify(%(channel)s::text, c.v || %(hashes)s::text || coalesce(("
+            "SELECT string_agg(' ' || left(encode(sha256(overlay(t.k PLACING int8send(c.v)"
+            " || '\\x0000'::bytea FROM t.o + 1 FOR 10)), 'hex'), 12), '')"
             " FROM unnest(%(hk)s::bytea[], %(ho)s::int[]) AS t(k, o)), ''))"
             " FROM (SELECT {s}.dgen_commit(%(rv)s::bigint, %(rb)s::bytea[], %(re)s::bytea[],"
             " %(cb)s::bytea[], %(ce)s::bytea[], %(ck)s::bytea[], %(sk)s::bytea[],"
@@ -354,6 +355,7 @@ class PostgresTransaction(BufferedTransaction):
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._open_tx = False
         self._read_version = 0
+        self._watch_version: int | None = None  # the version watch baselines are at
 
     async def _checkout(self, first: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
         """Take a pooled connection and run ``first`` (its first round trip).
@@ -381,23 +383,30 @@ class PostgresTransaction(BufferedTransaction):
                 raise _map_error(exc, db.url) from exc
         raise AssertionError("unreachable")
 
-    async def _begin_read(self, conn: psycopg.AsyncConnection[Any]) -> int:
-        cur = await conn.execute(self._db.sql.begin_read)
-        while cur.description is None:  # skip BEGIN's result
-            if not cur.nextset():
-                raise StoreError("PostgreSQL returned no commit version")
-        row = await cur.fetchone()
-        assert row is not None
-        return int(row[0])
+    async def _begin_with(self, query: str, params: tuple[Any, ...]) -> list[Any]:
+        """Begin the snapshot and run the first read in one round trip (one
+        simple-protocol string, the read's parameters as literals)."""
 
-    async def _connection(self) -> psycopg.AsyncConnection[Any]:
-        if self._conn is None:
-            self._read_version = await self._checkout(self._begin_read)
-        assert self._conn is not None
-        return self._conn
+        async def first(conn: psycopg.AsyncConnection[Any]) -> tuple[int, list[Any]]:
+            read = psycopg.AsyncClientCursor(conn).mogrify(query, params)
+            cur = await conn.execute(self._db.sql.begin_read + "; " + read)
+            while cur.description is None:  # skip BEGIN's result
+                if not cur.nextset():
+                    raise StoreError("PostgreSQL returned no commit version")
+            row = await cur.fetchone()
+            if row is None or not cur.nextset():
+                raise StoreError("PostgreSQL returned no commit version")
+            return int(row[0]), await cur.fetchall()
+
+        self._read_version, rows = await self._checkout(first)
+        self._watch_version = self._read_version
+        return rows
 
     async def _read(self, key: bytes) -> bytes | None:
-        conn = await self._connection()
+        if self._conn is None:
+            rows = await self._begin_with(self._db.sql.get, (key,))
+            return bytes(rows[0][0]) if rows else None
+        conn = self._conn
         with _errors(self._db.url, conn):
             cur = await conn.execute(self._db.sql.get, (key,), binary=True)
             row = await cur.fetchone()
@@ -407,15 +416,19 @@ class PostgresTransaction(BufferedTransaction):
         self, begin: bytes, end: bytes, limit: int, reverse: bool
     ) -> list[KeyValue]:
         q = self._db.sql
-        conn = await self._connection()
-        with _errors(self._db.url, conn):
-            if limit:
-                query = q.range_rev_limit if reverse else q.range_limit
-                cur = await conn.execute(query, (begin, end, limit), binary=True)
-            else:
-                query = q.range_rev if reverse else q.range
-                cur = await conn.execute(query, (begin, end), binary=True)
-            rows = await cur.fetchall()
+        if limit:
+            query = q.range_rev_limit if reverse else q.range_limit
+            params: tuple[Any, ...] = (begin, end, limit)
+        else:
+            query = q.range_rev if reverse else q.range
+            params = (begin, end)
+        if self._conn is None:
+            rows = await self._begin_with(query, params)
+        else:
+            conn = self._conn
+            with _errors(self._db.url, conn):
+                cur = await conn.execute(query, params, binary=True)
+                rows = await cur.fetchall()
         return [(bytes(k), bytes(v)) for k, v in rows]
 
     async def _apply(self) -> bytes | None:
@@ -446,7 +459,7 @@ class PostgresTransaction(BufferedTransaction):
         else:
             hashes, hashed = "".join(" " + _key_hash(k) for k in written), buf.stamped
         params = {
-            "channel": watches.channel, "origin": watches.origin, "hashes": hashes,
+            "channel": watches.channel, "hashes": hashes,
             "hk": [k for k, _, _ in hashed], "ho": [o for _, o, _ in hashed],
             "rv": self._read_version, "rb": begins, "re": ends,
             "cb": [b for b, _ in cleared], "ce": [e for _, e in cleared],
@@ -481,13 +494,15 @@ class PostgresTransaction(BufferedTransaction):
         row = await cur.fetchone()
         assert row is not None
         version = int(row[0])
+        if not read:
+            self._watch_version = version  # the baselines came from the buffer
         stamp = version.to_bytes(8, "big") + b"\x00\x00"
         written += [k[:o] + stamp + k[o + 10 :] for k, o, _ in buf.stamped]
         watches.committed(written, cleared)
         return stamp
 
     def _register_watch(self, watch: Watch, baseline: object) -> None:
-        self._db.watches.add(watch, baseline)
+        self._db.watches.add(watch, baseline, self._watch_version)
 
     def __del__(self) -> None:
         # Dropped without commit or rollback: give the connection back, or it
@@ -525,11 +540,21 @@ class _Watches:
     def __init__(self, db: PostgresDatabase, poll_interval: float) -> None:
         self.db = db
         self.poll_interval = poll_interval
-        self.origin = secrets.token_hex(4)
         digest = hashlib.blake2b(db.schema.encode(), digest_size=8).hexdigest()
         self.channel = f"dgen_{digest}"
         self.waiting: dict[bytes, list[tuple[Watch, object]]] = {}
         self.hashes: dict[str, bytes] = {}
+        # What the listener heard: key hash -> the last commit version that
+        # wrote it, for the last _HISTORY writes. Every commit made after
+        # ``heard_from`` has been heard or is yet to arrive, so a watch whose
+        # baseline is at a version v >= heard_from (and >= ``_floor``, below
+        # which entries were forgotten) needs no re-read: it fires if a write
+        # after v was heard, and otherwise when one arrives.
+        self.heard_from: int | None = None
+        self._changed: dict[str, int] = {}
+        self._all_changed = 0  # the last commit that cleared a range
+        self._heard: collections.deque[tuple[int, str]] = collections.deque()
+        self._floor = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._checks: set[asyncio.Task[None]] = set()
         self.reconnects = 0
@@ -559,13 +584,21 @@ class _Watches:
                 watch._fail(error)
         self.waiting.clear()
 
-    def add(self, watch: Watch, baseline: object) -> None:
+    def add(self, watch: Watch, baseline: object, version: int | None) -> None:
+        """Arm ``watch``, whose ``baseline`` is the value at commit ``version``
+        (None: not known)."""
         if baseline is UNKNOWN:
             watch._fire()
             return
-        self.waiting.setdefault(watch.key, []).append((watch, baseline))
-        self.hashes[_key_hash(watch.key)] = watch.key
-        self._spawn_check([watch.key])  # it may have changed since the snapshot
+        key = watch.key
+        digest = _key_hash(key)
+        self.waiting.setdefault(key, []).append((watch, baseline))
+        self.hashes[digest] = key
+        heard_from = self.heard_from
+        if version is None or heard_from is None or version < max(heard_from, self._floor):
+            self._spawn_check([key])  # it may have changed since the snapshot
+        elif self._changed.get(digest, -1) > version or self._all_changed > version:
+            self._fire(key)  # a write after the baseline was heard
 
     def committed(self, keys: list[bytes], cleared: list[tuple[bytes, bytes]]) -> None:
         """A local commit wrote ``keys`` and cleared the ranges ``cleared``.
@@ -586,6 +619,18 @@ class _Watches:
         for watch, _ in self.waiting.pop(key, ()):
             watch._fire()
         self.hashes.pop(_key_hash(key), None)
+
+    def _hear(self, version: int, hashes: list[str]) -> None:
+        changed = self._changed
+        for h in hashes:
+            if changed.get(h, -1) < version:
+                changed[h] = version
+            self._heard.append((version, h))
+        while len(self._heard) > _HISTORY:
+            old, h = self._heard.popleft()
+            if changed.get(h) == old:
+                del changed[h]
+            self._floor = max(self._floor, old)
 
     def fire_all(self) -> None:
         for entries in self.waiting.values():
@@ -645,29 +690,46 @@ class _Watches:
                 else:
                     await self.check(None)  # watches registered before we listened
                 connected_once = True
+                # Every commit after this version notifies us (it was not
+                # visible to a snapshot taken after LISTEN committed).
+                self.heard_from = await self._clock()
                 while not self._stopping:
                     async for note in conn.notifies(timeout=self.poll_interval):
                         self._on_note(note.payload)
                     await self.check(None)
-            except (psycopg.Error, OSError) as exc:
+            except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
                 log.debug("listener lost its connection: %s", _clean(exc, self.db.url))
                 connected_once = True
             finally:
+                self.heard_from = None
                 await conn.close()
 
+    async def _clock(self) -> int:
+        async with _pooled(self.db.pool) as conn:
+            cur = await conn.execute(self.db.sql.clock)
+            row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
     def _on_note(self, payload: str) -> None:
-        origin, _, rest = payload.partition(" ")
-        if origin == self.origin or not self.waiting:
+        # "<version> <hashes>": see _SQL.commit. Anything else (another
+        # program, or an older DGen) is left to the poll.
+        text, _, rest = payload.partition(" ")
+        try:
+            version = int(text)
+        except ValueError:
             return
-        _version, _, rest = rest.partition(" ")
         hashes = rest.split()
         if _ALL in hashes:
+            self._all_changed = max(self._all_changed, version)
             self._spawn_check(None)
             return
-        for h in hashes:
-            key = self.hashes.get(h)
-            if key is not None:
-                self._fire(key)
+        self._hear(version, hashes)
+        if self.waiting:
+            for h in hashes:
+                key = self.hashes.get(h)
+                if key is not None:
+                    self._fire(key)
 
 
 # -- the database -------------------------------------------------------------
