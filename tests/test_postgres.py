@@ -78,6 +78,7 @@ def _schema(url: str) -> str:
         ("synchronous_commit=sometimes", "synchronous_commit"),
         ("schema=" + "x" * 64, "schema"),
         ("watch_poll_interval=-1", "watch_poll_interval"),
+        ("notify=sometimes", "notify"),
     ],
 )
 async def test_bad_options_are_refused(query: str, fragment: str) -> None:
@@ -501,8 +502,10 @@ async def _watch(db: dgen.Database, key: bytes) -> dgen.Watch:
     return watch
 
 
-async def test_watch_fires_on_a_commit_from_another_process(url: str) -> None:
+@pytest.mark.parametrize("notify", ["after", "commit"])
+async def test_watch_fires_on_a_commit_from_another_process(url: str, notify: str) -> None:
     # A long poll interval: the notification, not the poll, must wake it.
+    url += f"&notify={notify}"
     async with dgen.connect(url + "&watch_poll_interval=600") as db:
         await db.run(_set(b"w", b"0"))
         watch = await _watch(db, b"w")
@@ -513,6 +516,65 @@ async def test_watch_fires_on_a_commit_from_another_process(url: str) -> None:
         )
         assert done.returncode == 0
         await asyncio.wait_for(watch, WAIT)
+
+
+@pytest.mark.parametrize("notify", ["after", "commit"])
+async def test_watch_with_an_old_baseline_fires_from_what_the_listener_heard(
+    url: str, notify: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A watch is armed without a re-read when the listener heard every commit
+    since its baseline: one that heard of a later write fires at once, one
+    that did not stays armed; once the history forgot the write (a short
+    _HISTORY here), the watch is re-read instead, and still fires."""
+    monkeypatch.setattr(postgres, "_HISTORY", 3)
+    url += f"&notify={notify}&watch_poll_interval=600"
+    async with dgen.connect(url) as db, dgen.connect(url) as other:
+        assert isinstance(db, postgres.PostgresDatabase)
+        for key in (b"a", b"b", b"c"):
+            await db.run(_set(key, b"0"))
+        for _ in range(100):  # the listener connects in the background
+            if db.watches.heard_from is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert db.watches.heard_from is not None
+
+        async def stale_watch(key: bytes, then: Any) -> dgen.Watch:
+            # The baseline is read, then another database object commits,
+            # then this transaction arms its watch.
+            tr = db.create_transaction()
+            assert await tr.get(key) == b"0"
+            await then()
+            watch = tr.watch(key)
+            await tr.commit()
+            return watch
+
+        async def heard(key: bytes, value: bytes) -> None:
+            before = len(db.watches._heard)
+            await other.run(_set(key, value))
+            for _ in range(200):  # wait until our listener has heard it
+                if len(db.watches._heard) > before or db.watches._floor:
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError("the listener never heard the commit")
+
+        async def nothing() -> None:
+            await other.run(_set(b"elsewhere", b"x"))
+
+        fired = await stale_watch(b"a", lambda: heard(b"a", b"1"))
+        await asyncio.wait_for(fired, WAIT)
+        quiet = await stale_watch(b"b", nothing)
+        await asyncio.sleep(0.2)
+        assert not quiet.done(), "nothing wrote b after the baseline"
+        await other.run(_set(b"b", b"1"))
+        await asyncio.wait_for(quiet, WAIT)  # and a later write wakes it
+
+        async def write_then_flood() -> None:
+            await heard(b"c", b"1")
+            for n in range(5):  # pushes c's entry out of the 3-entry history
+                await heard(b"f%d" % n, b"x")
+
+        forgotten = await stale_watch(b"c", write_then_flood)
+        await asyncio.wait_for(forgotten, WAIT)
 
 
 async def test_fallback_poll_catches_a_change_nobody_notified(url: str) -> None:

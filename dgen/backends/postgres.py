@@ -59,6 +59,7 @@ OPTIONS = (
     "application_name",
     "connect_timeout",
     "host",
+    "notify",
     "pool_size",
     "port",
     "schema",
@@ -67,6 +68,7 @@ OPTIONS = (
     "watch_poll_interval",
 )
 _SYNC_LEVELS = ("on", "off", "local", "remote_write", "remote_apply")
+_NOTIFY_MODES = ("commit", "after")
 _NOTIFY_LIMIT = 7900  # pg_notify payloads must stay under 8000 bytes
 _ALL = "*"
 _HISTORY = 20_000  # key writes the listener remembers (see _Watches.add)
@@ -275,6 +277,8 @@ class _SQL:
             " %(sv)s::bytea[], %(ak)s::bytea[], %(ad)s::numeric[], %(tk)s::bytea[],"
             " %(to)s::int[], %(tv)s::bytea[], %(lw)s::bigint, %(pe)s::bigint) AS v) AS c"
         )
+        # notify=after: the commit alone; a background task notifies.
+        self.commit_only = self.commit[self.commit.index("FROM (SELECT ") + 6 : -len(" AS v) AS c")]
         self.get = q("SELECT value FROM {s}.dgen_kv WHERE key = %s")
         self.get_many = q("SELECT key, value FROM {s}.dgen_kv WHERE key = ANY(%s)")
         rng = "SELECT key, value FROM {s}.dgen_kv WHERE key >= %s AND key < %s ORDER BY key"
@@ -454,17 +458,11 @@ class PostgresTransaction(BufferedTransaction):
         cleared = list(buf.cleared)
         written = [*clears, *set_keys, *add_keys]
         watches = self._db.watches
-        if cleared or len(written) + len(buf.stamped) > _NOTIFY_LIMIT // 13:
-            hashes, hashed = " " + _ALL, []
-        else:
-            hashes, hashed = "".join(" " + _key_hash(k) for k in written), buf.stamped
         stamped = buf.stamped
         # An empty array is sent as NULL, which every use in dgen_commit
         # treats as empty (unnest, ANY, ||, cardinality): dumping empty
         # arrays was a fifth of the Python time of a one-key commit.
-        params = {
-            "channel": watches.channel, "hashes": hashes,
-            "hk": [k for k, _, _ in hashed] or None, "ho": [o for _, o, _ in hashed] or None,
+        params: dict[str, Any] = {
             "rv": self._read_version, "rb": begins or None, "re": ends or None,
             "cb": [b for b, _ in cleared] or None, "ce": [e for _, e in cleared] or None,
             "ck": clears or None, "sk": set_keys or None, "sv": set_values or None,
@@ -473,9 +471,20 @@ class PostgresTransaction(BufferedTransaction):
             "tv": [v for _, _, v in stamped] or None,
             "lw": LOG_WINDOW, "pe": _PRUNE_EVERY,
         }  # fmt: skip
+        statement = self._db.sql.commit_only
+        if watches.in_commit:
+            statement = self._db.sql.commit
+            params["channel"] = watches.channel
+            if cleared or len(written) + len(stamped) > _NOTIFY_LIMIT // 13:
+                params["hashes"], params["hk"], params["ho"] = " " + _ALL, None, None
+            else:
+                params["hashes"] = "".join(" " + _key_hash(k) for k in written)
+                params["hk"] = [k for k, _, _ in stamped] or None
+                params["ho"] = [o for _, o, _ in stamped] or None
 
         # One statement, which runs as its own transaction (sessions default
-        # to READ COMMITTED): it validates, applies, notifies and commits.
+        # to READ COMMITTED): it validates, applies, commits and (by default)
+        # notifies.
         # Prepared: planning it costs more than running it. Not pipelined
         # with the ROLLBACK of the read snapshot: psycopg's pipeline costs
         # more time than the round trip it saves (docs/postgres.md).
@@ -489,7 +498,7 @@ class PostgresTransaction(BufferedTransaction):
         self._open_tx = False
         failed: psycopg.Error | None = None
         try:
-            cur = await conn.execute(self._db.sql.commit, params, prepare=True)
+            cur = await conn.execute(statement, params, prepare=True)
         except psycopg.Error as exc:
             failed = exc
         if failed is not None:
@@ -503,7 +512,7 @@ class PostgresTransaction(BufferedTransaction):
             self._watch_version = version  # the baselines came from the buffer
         stamp = version.to_bytes(8, "big") + b"\x00\x00"
         written += [k[:o] + stamp + k[o + 10 :] for k, o, _ in buf.stamped]
-        watches.committed(written, cleared)
+        watches.committed(version, written, cleared)
         return stamp
 
     def _register_watch(self, watch: Watch, baseline: object) -> None:
@@ -542,12 +551,20 @@ def _key_hash(key: bytes) -> str:
 class _Watches:
     """Watches of one database object: notifier, listener and fallback poll."""
 
-    def __init__(self, db: PostgresDatabase, poll_interval: float) -> None:
+    def __init__(self, db: PostgresDatabase, poll_interval: float, notify: str) -> None:
         self.db = db
         self.poll_interval = poll_interval
+        self.in_commit = notify == "commit"
+        # notify=after: hashes written by local commits not yet notified, and
+        # the newest of their versions (a batch is announced at that version,
+        # which can only make a watch fire spuriously).
+        self._outbox: set[str] = set()
+        self._outbox_version = 0
+        self._outbox_ready = asyncio.Event()
         digest = hashlib.blake2b(db.schema.encode(), digest_size=8).hexdigest()
         self.channel = f"dgen_{digest}"
-        self.waiting: dict[bytes, list[tuple[Watch, object]]] = {}
+        # key -> (watch, baseline, the version the baseline is at or None)
+        self.waiting: dict[bytes, list[tuple[Watch, object, int | None]]] = {}
         self.hashes: dict[str, bytes] = {}
         # What the listener heard: key hash -> the last commit version that
         # wrote it, for the last _HISTORY writes. Every commit made after
@@ -567,11 +584,18 @@ class _Watches:
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._listen(), name="dgen-postgres-listener")]
+        if not self.in_commit:
+            self._tasks.append(asyncio.create_task(self._notify(), name="dgen-postgres-notifier"))
 
     async def stop(self) -> None:
         # Python 3.11's wait_for (used inside psycopg_pool) can swallow a
         # cancellation, so do not trust one cancel: flag, cancel again, bound.
         self._stopping = True
+        if not self.in_commit:
+            # The notifier sends what is pending, then ends: a process that
+            # commits and exits at once still wakes the others.
+            self._outbox_ready.set()
+            await asyncio.wait(self._tasks[1:], timeout=2.0)
         tasks = [*self._tasks, *self._checks]
         for _ in range(100):
             pending = [t for t in tasks if not t.done()]
@@ -585,7 +609,7 @@ class _Watches:
                 task.exception()  # retrieved: a failed check was already logged
         error = UnavailableError("the database was closed")
         for entries in self.waiting.values():
-            for watch, _ in entries:
+            for watch, _, _ in entries:
                 watch._fail(error)
         self.waiting.clear()
 
@@ -597,7 +621,7 @@ class _Watches:
             return
         key = watch.key
         digest = _key_hash(key)
-        self.waiting.setdefault(key, []).append((watch, baseline))
+        self.waiting.setdefault(key, []).append((watch, baseline, version))
         self.hashes[digest] = key
         heard_from = self.heard_from
         if version is None or heard_from is None or version < max(heard_from, self._floor):
@@ -605,25 +629,44 @@ class _Watches:
         elif self._changed.get(digest, -1) > version or self._all_changed > version:
             self._fire(key)  # a write after the baseline was heard
 
-    def committed(self, keys: list[bytes], cleared: list[tuple[bytes, bytes]]) -> None:
-        """A local commit wrote ``keys`` and cleared the ranges ``cleared``.
+    def committed(
+        self, version: int, keys: list[bytes], cleared: list[tuple[bytes, bytes]]
+    ) -> None:
+        """Local commit ``version`` wrote ``keys`` and cleared the ranges ``cleared``.
 
         Their watches fire without a re-read: a watch may fire spuriously
         (the same value written again), never late.
         """
+        if not self.in_commit:
+            if cleared or len(self._outbox) + len(keys) > _NOTIFY_LIMIT // 13:
+                self._outbox = {_ALL}
+            elif _ALL not in self._outbox:
+                self._outbox.update(_key_hash(k) for k in keys)
+            self._outbox_version = max(self._outbox_version, version)
+            self._outbox_ready.set()
         if not self.waiting:
             return
         for key in keys:
             if key in self.waiting:
-                self._fire(key)
+                self._fire(key, version)
         for begin, end in cleared:
             for key in [k for k in self.waiting if begin <= k < end]:
-                self._fire(key)
+                self._fire(key, version)
 
-    def _fire(self, key: bytes) -> None:
-        for watch, _ in self.waiting.pop(key, ()):
-            watch._fire()
-        self.hashes.pop(_key_hash(key), None)
+    def _fire(self, key: bytes, version: int | None = None) -> None:
+        """Fire the watches of ``key`` whose baseline is older than a write
+        at ``version`` (None: all of them)."""
+        keep = []
+        for entry in self.waiting.pop(key, ()):
+            watch, _, since = entry
+            if version is None or since is None or since < version:
+                watch._fire()
+            elif not watch.done():
+                keep.append(entry)
+        if keep:
+            self.waiting[key] = keep
+        else:
+            self.hashes.pop(_key_hash(key), None)
 
     def _hear(self, version: int, hashes: list[str]) -> None:
         changed = self._changed
@@ -639,7 +682,7 @@ class _Watches:
 
     def fire_all(self) -> None:
         for entries in self.waiting.values():
-            for watch, _ in entries:
+            for watch, _, _ in entries:
                 watch._fire()
         self.waiting.clear()
         self.hashes.clear()
@@ -662,19 +705,33 @@ class _Watches:
             log.debug("watch check failed, the next poll retries: %s", _clean(exc, self.db.url))
             return
         for key in wanted:
-            keep: list[tuple[Watch, object]] = []
-            for watch, baseline in self.waiting.get(key, []):
+            keep: list[tuple[Watch, object, int | None]] = []
+            for watch, baseline, since in self.waiting.get(key, []):
                 if watch.done():
                     continue
                 if baseline != current.get(key):
                     watch._fire()
                 else:
-                    keep.append((watch, baseline))
+                    keep.append((watch, baseline, since))
             if keep:
                 self.waiting[key] = keep
             else:
                 self.waiting.pop(key, None)
                 self.hashes.pop(_key_hash(key), None)
+
+    async def _notify(self) -> None:
+        while not self._stopping:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            batch, self._outbox = self._outbox, set()
+            if batch:
+                payload = f"{self._outbox_version} {' '.join(sorted(batch))}"
+                try:
+                    async with _pooled(self.db.pool) as conn:
+                        await conn.execute("SELECT pg_notify(%s, %s)", (self.channel, payload))
+                except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
+                    # Listeners that missed it reconnect (and fire) or poll.
+                    log.debug("pg_notify failed: %s", _clean(exc, self.db.url))
 
     async def _listen(self) -> None:
         delay, connected_once = 0.05, False
@@ -734,7 +791,7 @@ class _Watches:
             for h in hashes:
                 key = self.hashes.get(h)
                 if key is not None:
-                    self._fire(key)
+                    self._fire(key, version)
 
 
 # -- the database -------------------------------------------------------------
@@ -752,6 +809,7 @@ class PostgresDatabase(Database):
         pool: psycopg_pool.AsyncConnectionPool[Any],
         pool_size: int,
         poll_interval: float,
+        notify: str = "after",
     ) -> None:
         self.url = url
         self.conninfo = conninfo
@@ -759,7 +817,7 @@ class PostgresDatabase(Database):
         self.sql = _SQL(schema)
         self.pool = pool
         self.pool_size = pool_size
-        self.watches = _Watches(self, poll_interval)
+        self.watches = _Watches(self, poll_interval, notify)
         self.loop = asyncio.get_running_loop()
         self._releases: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -798,8 +856,9 @@ class PostgresDatabase(Database):
         return f"<PostgresDatabase {self.url}>"
 
 
-def _parse(url: URL) -> tuple[str, str, int, float, int]:
-    """conninfo, schema, pool size, poll interval and connect timeout from the URL."""
+def _parse(url: URL) -> tuple[str, str, int, float, int, str]:
+    """conninfo, schema, pool size, poll interval, connect timeout and notify
+    mode from the URL."""
     options = url.check_options(OPTIONS)
 
     def number(name: str, default: str, kind: type[int] | type[float]) -> Any:
@@ -818,6 +877,11 @@ def _parse(url: URL) -> tuple[str, str, int, float, int]:
     schema = options.get("schema", "dgen")
     if not schema or len(schema.encode()) > 63:
         raise URLError(f"option schema={schema!r} in {url} must be 1 to 63 bytes")
+    notify = options.get("notify", "after")
+    if notify not in _NOTIFY_MODES:
+        raise URLError(
+            f"option notify={notify!r} in {url} must be one of {', '.join(_NOTIFY_MODES)}"
+        )
     sync = options.get("synchronous_commit", "on")
     if sync not in _SYNC_LEVELS:
         raise URLError(
@@ -845,7 +909,7 @@ def _parse(url: URL) -> tuple[str, str, int, float, int]:
     conninfo = psycopg.conninfo.make_conninfo(
         **{k: str(v) for k, v in params.items() if v is not None}
     )
-    return conninfo, schema, pool_size, poll, timeout
+    return conninfo, schema, pool_size, poll, timeout, notify
 
 
 async def _prepare_schema(conn: psycopg.AsyncConnection[Any], q: _SQL, schema: str) -> None:
@@ -877,7 +941,7 @@ async def _prepare_schema(conn: psycopg.AsyncConnection[Any], q: _SQL, schema: s
 
 async def open_database(url: URL) -> PostgresDatabase:
     """Connect, create or check the schema, and open the pool."""
-    conninfo, schema, pool_size, poll, timeout = _parse(url)
+    conninfo, schema, pool_size, poll, timeout, notify = _parse(url)
     q = _SQL(schema)
     try:
         conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
@@ -903,6 +967,6 @@ async def open_database(url: URL) -> PostgresDatabase:
     except BaseException:
         await pool.close()
         raise
-    db = PostgresDatabase(url, conninfo, schema, pool, pool_size, poll)
+    db = PostgresDatabase(url, conninfo, schema, pool, pool_size, poll, notify)
     db.watches.start()
     return db
