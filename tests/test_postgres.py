@@ -577,6 +577,35 @@ async def test_watch_with_an_old_baseline_fires_from_what_the_listener_heard(
         await asyncio.wait_for(forgotten, WAIT)
 
 
+@pytest.mark.parametrize("notify", ["after", "commit"])
+async def test_a_cleared_range_wakes_the_watches_inside_it_only(url: str, notify: str) -> None:
+    """Cleared ranges are named in the notification, so a watch inside fires
+    (also one armed later with an older baseline), and one outside stays armed."""
+    url += f"&notify={notify}&watch_poll_interval=600"
+    async with dgen.connect(url) as db, dgen.connect(url) as other:
+        assert isinstance(db, postgres.PostgresDatabase)
+        for key in (b"r/1", b"r/2", b"s"):
+            await db.run(_set(key, b"0"))
+        inside, outside = await _watch(db, b"r/1"), await _watch(db, b"s")
+        stale = db.create_transaction()
+        assert await stale.get(b"r/2") == b"0"
+
+        async def clear(tr: Transaction) -> None:
+            tr.clear_range(b"r/", b"r0")
+
+        await other.run(clear)
+        await asyncio.wait_for(inside, WAIT)
+        for _ in range(200):  # until our listener has heard the range
+            if db.watches._heard_ranges:
+                break
+            await asyncio.sleep(0.01)
+        late = stale.watch(b"r/2")
+        await stale.commit()
+        await asyncio.wait_for(late, WAIT)
+        await asyncio.sleep(0.2)
+        assert not outside.done(), "a key outside the cleared range never changed"
+
+
 async def test_fallback_poll_catches_a_change_nobody_notified(url: str) -> None:
     async with dgen.connect(url + "&watch_poll_interval=0.2") as db:
         await db.run(_set(b"w", b"0"))

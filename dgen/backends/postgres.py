@@ -11,10 +11,13 @@ and aborts transactions FoundationDB commits (docs/postgres.md):
   raises SQLSTATE 40001 if ``dgen_log`` holds a write newer than the snapshot
   inside a read range, applies the writes and logs their ranges;
 * the counter is the commit stamp: ordered-commit keys follow commit order;
-* watches: after commit, one coalesced ``pg_notify`` per batch (never inside
-  the writing transaction, where it would take a cluster-wide lock), a
-  listener that re-checks matching watches and fires all of them after a
-  reconnect, and a fallback poll of every watched key.
+* watches: every commit is announced with its version and key hashes, by
+  default in one coalesced ``pg_notify`` per batch after commit (``notify=
+  commit``: inside the commit statement, which takes PostgreSQL's
+  cluster-wide notify lock); a listener fires the watches older than the
+  announced version, arms new watches without a re-read when it has heard
+  every commit since their baseline, fires all of them after a reconnect;
+  and a fallback poll re-reads every watched key.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ _NOTIFY_MODES = ("commit", "after")
 _NOTIFY_LIMIT = 7900  # pg_notify payloads must stay under 8000 bytes
 _ALL = "*"
 _HISTORY = 20_000  # key writes the listener remembers (see _Watches.add)
+_RANGE_HISTORY = 256  # cleared ranges it remembers
 
 # PostgreSQL B-tree entries are limited to about 2700 bytes, and every key is
 # a primary-key entry: a smaller key limit than FoundationDB's 10,000 bytes.
@@ -475,10 +479,11 @@ class PostgresTransaction(BufferedTransaction):
         if watches.in_commit:
             statement = self._db.sql.commit
             params["channel"] = watches.channel
-            if cleared or len(written) + len(stamped) > _NOTIFY_LIMIT // 13:
+            tokens = _tokens(written, cleared, _NOTIFY_LIMIT - 24 - 13 * len(stamped))
+            if tokens is None:
                 params["hashes"], params["hk"], params["ho"] = " " + _ALL, None, None
             else:
-                params["hashes"] = "".join(" " + _key_hash(k) for k in written)
+                params["hashes"] = "".join(" " + t for t in tokens)
                 params["hk"] = [k for k, _, _ in stamped] or None
                 params["ho"] = [o for _, o, _ in stamped] or None
 
@@ -543,6 +548,19 @@ class PostgresTransaction(BufferedTransaction):
 # -- watches ------------------------------------------------------------------
 
 
+def _tokens(
+    keys: Iterable[bytes], cleared: list[tuple[bytes, bytes]], budget: int
+) -> list[str] | None:
+    """A notification's words for written ``keys`` (hashes) and ``cleared``
+    ranges (``~begin~end`` in hex); None if they need more than ``budget``
+    characters (the notification then says ``*``)."""
+    tokens = [_key_hash(k) for k in keys]
+    tokens += [f"~{b.hex()}~{e.hex()}" for b, e in cleared]
+    if sum(len(t) + 1 for t in tokens) > budget:
+        return None
+    return tokens
+
+
 def _key_hash(key: bytes) -> str:
     # The server computes the same for ordered-commit keys (left(encode(sha256(k)...))).
     return hashlib.sha256(key).hexdigest()[:12]
@@ -559,6 +577,7 @@ class _Watches:
         # the newest of their versions (a batch is announced at that version,
         # which can only make a watch fire spuriously).
         self._outbox: set[str] = set()
+        self._outbox_size = 0
         self._outbox_version = 0
         self._outbox_ready = asyncio.Event()
         digest = hashlib.blake2b(db.schema.encode(), digest_size=8).hexdigest()
@@ -574,8 +593,9 @@ class _Watches:
         # after v was heard, and otherwise when one arrives.
         self.heard_from: int | None = None
         self._changed: dict[str, int] = {}
-        self._all_changed = 0  # the last commit that cleared a range
+        self._all_changed = 0  # the last "*" (writes too many to name)
         self._heard: collections.deque[tuple[int, str]] = collections.deque()
+        self._heard_ranges: collections.deque[tuple[int, bytes, bytes]] = collections.deque()
         self._floor = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._checks: set[asyncio.Task[None]] = set()
@@ -626,7 +646,11 @@ class _Watches:
         heard_from = self.heard_from
         if version is None or heard_from is None or version < max(heard_from, self._floor):
             self._spawn_check([key])  # it may have changed since the snapshot
-        elif self._changed.get(digest, -1) > version or self._all_changed > version:
+        elif (
+            self._changed.get(digest, -1) > version
+            or self._all_changed > version
+            or any(v > version and b <= key < e for v, b, e in self._heard_ranges)
+        ):
             self._fire(key)  # a write after the baseline was heard
 
     def committed(
@@ -638,10 +662,13 @@ class _Watches:
         (the same value written again), never late.
         """
         if not self.in_commit:
-            if cleared or len(self._outbox) + len(keys) > _NOTIFY_LIMIT // 13:
-                self._outbox = {_ALL}
-            elif _ALL not in self._outbox:
-                self._outbox.update(_key_hash(k) for k in keys)
+            if _ALL not in self._outbox:
+                tokens = _tokens(keys, cleared, _NOTIFY_LIMIT - 24 - self._outbox_size)
+                if tokens is None:
+                    self._outbox = {_ALL}
+                else:
+                    self._outbox.update(tokens)
+                    self._outbox_size += sum(len(t) + 1 for t in tokens)
             self._outbox_version = max(self._outbox_version, version)
             self._outbox_ready.set()
         if not self.waiting:
@@ -679,6 +706,11 @@ class _Watches:
             if changed.get(h) == old:
                 del changed[h]
             self._floor = max(self._floor, old)
+
+    def _hear_range(self, version: int, begin: bytes, end: bytes) -> None:
+        self._heard_ranges.append((version, begin, end))
+        while len(self._heard_ranges) > _RANGE_HISTORY:
+            self._floor = max(self._floor, self._heard_ranges.popleft()[0])
 
     def fire_all(self) -> None:
         for entries in self.waiting.values():
@@ -723,7 +755,7 @@ class _Watches:
         while not self._stopping:
             await self._outbox_ready.wait()
             self._outbox_ready.clear()
-            batch, self._outbox = self._outbox, set()
+            batch, self._outbox, self._outbox_size = self._outbox, set(), 0
             if batch:
                 payload = f"{self._outbox_version} {' '.join(sorted(batch))}"
                 try:
@@ -781,12 +813,26 @@ class _Watches:
             version = int(text)
         except ValueError:
             return
-        hashes = rest.split()
-        if _ALL in hashes:
+        words = rest.split()
+        if _ALL in words:
             self._all_changed = max(self._all_changed, version)
-            self._spawn_check(None)
+            older = [
+                key
+                for key, entries in self.waiting.items()
+                if any(since is None or since < version for _, _, since in entries)
+            ]
+            if older:
+                self._spawn_check(older)
             return
+        hashes = [w for w in words if not w.startswith("~")]
         self._hear(version, hashes)
+        for word in words:
+            if word.startswith("~"):
+                _, begin, end = word.split("~")
+                b, e = bytes.fromhex(begin), bytes.fromhex(end)
+                self._hear_range(version, b, e)
+                for inside in [k for k in self.waiting if b <= k < e]:
+                    self._fire(inside, version)
         if self.waiting:
             for h in hashes:
                 key = self.hashes.get(h)
