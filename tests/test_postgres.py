@@ -291,6 +291,7 @@ async def test_connection_lost_during_commit_is_commit_unknown(
             with psycopg.connect(db.conninfo, autocommit=True) as killer:
                 killer.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
+        await db.run(_set(b"earlier", b"x"))
         # Read-write: the server ends the session between the reads and the
         # commit. Ending the read snapshot (its own round trip, before the
         # commit statement is sent) finds the connection dead: nothing was
@@ -314,6 +315,14 @@ async def test_connection_lost_during_commit_is_commit_unknown(
         with pytest.raises(CommitUnknownError, match="may or may not"):
             await tr.commit()
         monkeypatch.undo()
+        # With notify=after nothing announced that commit, so "*" is
+        # announced instead (at the clock's version, which the earlier
+        # commit made positive): watches older than it re-read their keys.
+        for _ in range(200):
+            if db.watches._all_changed:
+                break
+            await asyncio.sleep(0.01)
+        assert db.watches._all_changed, "the unknown commit was never announced"
 
         # The pool drops the dead connections; the next transactions work.
         await db.run(_set(b"k2", b"v2"))

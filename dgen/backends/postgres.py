@@ -508,6 +508,8 @@ class PostgresTransaction(BufferedTransaction):
             failed = exc
         if failed is not None:
             lost = isinstance(failed, psycopg.OperationalError)
+            if lost:
+                watches.unknown_commit()
             raise _map_error(failed, self._db.url, committing=lost) from failed
         self._open_tx = False
         row = await cur.fetchone()
@@ -679,6 +681,28 @@ class _Watches:
         for begin, end in cleared:
             for key in [k for k in self.waiting if begin <= k < end]:
                 self._fire(key, version)
+
+    def unknown_commit(self) -> None:
+        """A local commit may have been applied without being announced (its
+        connection was lost): with notify=after, announce "*" at the clock's
+        version once it can be read, so watches older than that re-read."""
+        if self.in_commit or self._stopping:
+            return  # with notify=commit the notification is part of the commit
+
+        async def announce() -> None:
+            try:
+                version = await self._clock()
+            except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
+                # The server is away: the listener reconnects and fires all.
+                log.debug("no clock after an unknown commit: %s", _clean(exc, self.db.url))
+                return
+            self._outbox = {_ALL}
+            self._outbox_version = max(self._outbox_version, version)
+            self._outbox_ready.set()
+
+        task = asyncio.create_task(announce())
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
 
     def _fire(self, key: bytes, version: int | None = None) -> None:
         """Fire the watches of ``key`` whose baseline is older than a write
