@@ -23,6 +23,7 @@ and aborts transactions FoundationDB commits (docs/postgres.md):
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import hashlib
@@ -586,6 +587,7 @@ class _Watches:
         self.channel = f"dgen_{digest}"
         # key -> (watch, baseline, the version the baseline is at or None)
         self.waiting: dict[bytes, list[tuple[Watch, object, int | None]]] = {}
+        self._sorted: list[bytes] = []  # the keys of ``waiting``, for cleared ranges
         self.hashes: dict[str, bytes] = {}
         # What the listener heard: key hash -> the last commit version that
         # wrote it, for the last _HISTORY writes. Every commit made after
@@ -634,6 +636,7 @@ class _Watches:
             for watch, _, _ in entries:
                 watch._fail(error)
         self.waiting.clear()
+        self._sorted.clear()
 
     def add(self, watch: Watch, baseline: object, version: int | None) -> None:
         """Arm ``watch``, whose ``baseline`` is the value at commit ``version``
@@ -643,6 +646,8 @@ class _Watches:
             return
         key = watch.key
         digest = _key_hash(key)
+        if key not in self.waiting:
+            bisect.insort(self._sorted, key)
         self.waiting.setdefault(key, []).append((watch, baseline, version))
         self.hashes[digest] = key
         heard_from = self.heard_from
@@ -679,7 +684,7 @@ class _Watches:
             if key in self.waiting:
                 self._fire(key, version)
         for begin, end in cleared:
-            for key in [k for k in self.waiting if begin <= k < end]:
+            for key in self._within(begin, end):
                 self._fire(key, version)
 
     def unknown_commit(self) -> None:
@@ -707,8 +712,11 @@ class _Watches:
     def _fire(self, key: bytes, version: int | None = None) -> None:
         """Fire the watches of ``key`` whose baseline is older than a write
         at ``version`` (None: all of them)."""
+        entries = self.waiting.get(key)
+        if entries is None:
+            return
         keep = []
-        for entry in self.waiting.pop(key, ()):
+        for entry in entries:
             watch, _, since = entry
             if version is None or since is None or since < version:
                 watch._fire()
@@ -717,7 +725,20 @@ class _Watches:
         if keep:
             self.waiting[key] = keep
         else:
-            self.hashes.pop(_key_hash(key), None)
+            self._drop(key)
+
+    def _drop(self, key: bytes) -> None:
+        """Forget ``key``: no watch waits on it any more."""
+        del self.waiting[key]
+        self.hashes.pop(_key_hash(key), None)
+        i = bisect.bisect_left(self._sorted, key)
+        if i < len(self._sorted) and self._sorted[i] == key:
+            del self._sorted[i]
+
+    def _within(self, begin: bytes, end: bytes) -> list[bytes]:
+        """The watched keys in [begin, end)."""
+        keys = self._sorted
+        return keys[bisect.bisect_left(keys, begin) : bisect.bisect_left(keys, end)]
 
     def _hear(self, version: int, hashes: list[str]) -> None:
         changed = self._changed
@@ -741,6 +762,7 @@ class _Watches:
             for watch, _, _ in entries:
                 watch._fire()
         self.waiting.clear()
+        self._sorted.clear()
         self.hashes.clear()
 
     def _spawn_check(self, keys: Iterable[bytes] | None) -> None:
@@ -771,9 +793,8 @@ class _Watches:
                     keep.append((watch, baseline, since))
             if keep:
                 self.waiting[key] = keep
-            else:
-                self.waiting.pop(key, None)
-                self.hashes.pop(_key_hash(key), None)
+            elif key in self.waiting:
+                self._drop(key)
 
     async def _notify(self) -> None:
         while not self._stopping:
@@ -855,7 +876,7 @@ class _Watches:
                 _, begin, end = word.split("~")
                 b, e = bytes.fromhex(begin), bytes.fromhex(end)
                 self._hear_range(version, b, e)
-                for inside in [k for k in self.waiting if b <= k < e]:
+                for inside in self._within(b, e):
                     self._fire(inside, version)
         if self.waiting:
             for h in hashes:
