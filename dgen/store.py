@@ -222,19 +222,46 @@ class Transaction(abc.ABC):
     """
 
     @abc.abstractmethod
-    async def get(self, key: bytes) -> bytes | None:
-        """The value of ``key``, or None if it has none."""
+    async def get(self, key: bytes, *, snapshot: bool = False) -> bytes | None:
+        """The value of ``key``, or None if it has none.
+
+        A ``snapshot`` read sees the same consistent snapshot (and this
+        transaction's writes) but adds no read conflict: a concurrent change to
+        the key does not make this transaction conflict, as with
+        FoundationDB's ``tr.snapshot``. A backend that cannot serve an old
+        version may still raise :class:`ConflictError` from the read itself.
+        """
 
     @abc.abstractmethod
     async def get_range(
-        self, begin: bytes, end: bytes, *, limit: int = 0, reverse: bool = False
+        self,
+        begin: bytes,
+        end: bytes,
+        *,
+        limit: int = 0,
+        reverse: bool = False,
+        snapshot: bool = False,
     ) -> list[KeyValue]:
         """Key-value pairs with ``begin <= key < end``, in key order (descending
         if ``reverse``), at most ``limit`` of them when ``limit > 0``.
 
         With a limit, only the part of the range up to the last pair returned
-        counts as read for conflict checking, as in FoundationDB.
+        counts as read for conflict checking, as in FoundationDB. A
+        ``snapshot`` read adds no read conflict (see :meth:`get`); pair it
+        with :meth:`add_read_conflict_range` over the part the transaction's
+        outcome depends on.
         """
+
+    @abc.abstractmethod
+    def add_read_conflict_range(self, begin: bytes, end: bytes) -> None:
+        """Make the commit conflict if a concurrent transaction changed any
+        key in ``[begin, end)`` since this transaction's snapshot, exactly as
+        if the range had been read (FoundationDB's call of the same name).
+        Used after a snapshot read to depend on less than was read."""
+
+    def add_read_conflict_key(self, key: bytes) -> None:
+        """:meth:`add_read_conflict_range` over the single key ``key``."""
+        self.add_read_conflict_range(key, key + b"\x00")
 
     @abc.abstractmethod
     def set(self, key: bytes, value: bytes) -> None:

@@ -128,7 +128,10 @@ class BufferedTransaction(Transaction):
     An adapter implements :meth:`_read`, :meth:`_read_range` (consistent
     snapshot reads of committed data), :meth:`_apply` (atomically check for
     conflicts and apply :attr:`buffer`) and :meth:`_register_watch`. Reads
-    record their conflict ranges in :attr:`read_ranges`, FoundationDB-style.
+    record their conflict ranges in :attr:`read_ranges`, FoundationDB-style;
+    snapshot reads go through :meth:`_read_snapshot` and
+    :meth:`_read_range_snapshot` and record none, and
+    :meth:`add_read_conflict_range` records one without reading.
     """
 
     def __init__(self, limits: Limits) -> None:
@@ -150,6 +153,18 @@ class BufferedTransaction(Transaction):
         self, begin: bytes, end: bytes, limit: int, reverse: bool
     ) -> list[KeyValue]:
         """Committed pairs at this transaction's snapshot (limit 0: all)."""
+
+    async def _read_snapshot(self, key: bytes) -> bytes | None:
+        """Like :meth:`_read` for a snapshot read. Override it if ``_read``
+        keeps per-read bookkeeping for conflict checks (the default reuses it,
+        which is correct but may conflict more than asked)."""
+        return await self._read(key)
+
+    async def _read_range_snapshot(
+        self, begin: bytes, end: bytes, limit: int, reverse: bool
+    ) -> list[KeyValue]:
+        """Like :meth:`_read_range` for a snapshot read (see :meth:`_read_snapshot`)."""
+        return await self._read_range(begin, end, limit, reverse)
 
     async def _snapshot_get(self, key: bytes) -> object:
         """The snapshot value for a watch baseline, without conflict checks;
@@ -178,7 +193,7 @@ class BufferedTransaction(Transaction):
     def _check_key(self, key: bytes) -> None:
         check_key(key, self.limits)
 
-    async def get(self, key: bytes) -> bytes | None:
+    async def get(self, key: bytes, *, snapshot: bool = False) -> bytes | None:
         self._check_open()
         self._check_key(key)
         op = self.buffer.points.get(key)
@@ -186,12 +201,21 @@ class BufferedTransaction(Transaction):
             return op.apply(None)
         if op is None and self.buffer.is_cleared(key):
             return None
-        self.read_ranges.append((key, key + b"\x00"))
-        value = await self._read(key)
+        if snapshot:
+            value = await self._read_snapshot(key)
+        else:
+            self.read_ranges.append((key, key + b"\x00"))
+            value = await self._read(key)
         return op.apply(value) if op is not None else value
 
     async def get_range(
-        self, begin: bytes, end: bytes, *, limit: int = 0, reverse: bool = False
+        self,
+        begin: bytes,
+        end: bytes,
+        *,
+        limit: int = 0,
+        reverse: bool = False,
+        snapshot: bool = False,
     ) -> list[KeyValue]:
         self._check_open()
         if limit < 0:
@@ -199,19 +223,27 @@ class BufferedTransaction(Transaction):
         if begin >= end:
             return []
         out: list[KeyValue] = []
-        async for pair in self._merged(begin, end, limit, reverse):
+        async for pair in self._merged(begin, end, limit, reverse, snapshot):
             out.append(pair)
             if limit and len(out) >= limit:
                 break
-        if limit and len(out) >= limit:
-            last = out[-1][0]
-            self.read_ranges.append((last, end) if reverse else (begin, last + b"\x00"))
-        else:
-            self.read_ranges.append((begin, end))
+        if not snapshot:
+            if limit and len(out) >= limit:
+                last = out[-1][0]
+                self.read_ranges.append((last, end) if reverse else (begin, last + b"\x00"))
+            else:
+                self.read_ranges.append((begin, end))
         return out
 
+    def add_read_conflict_range(self, begin: bytes, end: bytes) -> None:
+        self._check_open()
+        if not isinstance(begin, bytes) or not isinstance(end, bytes):
+            raise TypeError("range bounds are bytes")
+        if begin < end:
+            self.read_ranges.append((begin, end))
+
     async def _merged(
-        self, begin: bytes, end: bytes, limit: int, reverse: bool
+        self, begin: bytes, end: bytes, limit: int, reverse: bool, snapshot: bool = False
     ) -> AsyncIterator[KeyValue]:
         points = self.buffer.points_in(begin, end)
         if reverse:
@@ -224,7 +256,10 @@ class BufferedTransaction(Transaction):
 
         lo, hi = begin, end
         while True:
-            rows = await self._read_range(lo, hi, page, reverse)
+            if snapshot:
+                rows = await self._read_range_snapshot(lo, hi, page, reverse)
+            else:
+                rows = await self._read_range(lo, hi, page, reverse)
             exhausted = page == 0 or len(rows) < page
             for key, value in rows:
                 while i < len(points) and before(points[i][0], key):

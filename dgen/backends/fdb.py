@@ -720,17 +720,25 @@ class FDBTransaction(Transaction):
 
     # -- reads
 
-    async def get(self, key: bytes) -> bytes | None:
+    async def get(self, key: bytes, *, snapshot: bool = False) -> bytes | None:
         self._check_open()
         self._check_key(key)
         stored = self._prefix + key
         if stored >= _SYSTEM:
             return None  # FoundationDB's system keyspace, where writes are refused
-        self._count(2 * len(stored) + 1)
-        return await self._wait(self._tr.get(stored), _bytes_or_none)
+        reader = self._tr.snapshot if snapshot else self._tr
+        if not snapshot:
+            self._count(2 * len(stored) + 1)
+        return await self._wait(reader.get(stored), _bytes_or_none)
 
     async def get_range(
-        self, begin: bytes, end: bytes, *, limit: int = 0, reverse: bool = False
+        self,
+        begin: bytes,
+        end: bytes,
+        *,
+        limit: int = 0,
+        reverse: bool = False,
+        snapshot: bool = False,
     ) -> list[KeyValue]:
         self._check_open()
         if limit < 0:
@@ -742,12 +750,14 @@ class FDBTransaction(Transaction):
         lo, hi = self._prefix + begin, min(self._prefix + end, _SYSTEM)
         if lo >= hi:
             return []
-        self._count(len(lo) + len(hi))
+        reader = self._tr.snapshot if snapshot else self._tr
+        if not snapshot:
+            self._count(len(lo) + len(hi))
         out: list[KeyValue] = []
         iteration = 1
         while True:
             remaining = limit - len(out) if limit else 0
-            native = self._tr._get_range(
+            native = reader._get_range(
                 selector(lo), selector(hi), remaining, _STREAMING_WANT_ALL, iteration, reverse
             )
             page, more = await self._wait(native, _range_page)
@@ -759,6 +769,15 @@ class FDBTransaction(Transaction):
                 hi = page[-1][0]
             else:
                 lo = page[-1][0] + b"\x00"
+
+    def add_read_conflict_range(self, begin: bytes, end: bytes) -> None:
+        self._check_open()
+        if not isinstance(begin, bytes) or not isinstance(end, bytes):
+            raise TypeError("range bounds are bytes")
+        lo, hi = self._prefix + begin, min(self._prefix + end, _SYSTEM)
+        if lo < hi:
+            self._tr.add_read_conflict_range(lo, hi)
+            self._count(len(lo) + len(hi))
 
     # -- writes
 

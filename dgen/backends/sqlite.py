@@ -149,6 +149,8 @@ class SQLiteTransaction(BufferedTransaction):
         self._read_version: int | None = None
         # Every read of committed data, replayed at commit to detect conflicts.
         self._reads: list[tuple[tuple[Any, ...], Any]] = []
+        # Conflict ranges added without a read: read at commit, on the snapshot.
+        self._unread: list[tuple[bytes, bytes]] = []
 
     async def _snapshot(self) -> _Connection:
         if self._conn is None:
@@ -167,13 +169,14 @@ class SQLiteTransaction(BufferedTransaction):
             self._finalizer = weakref.finalize(self, self._db._reclaim, conn)
         return self._conn
 
-    async def _query(self, args: tuple[Any, ...]) -> Any:
+    async def _query(self, args: tuple[Any, ...], record: bool = True) -> Any:
         conn = await self._snapshot()
         try:
             result = _execute_read(conn.open(), args)
         except sqlite3.Error as exc:
             raise _map_error(exc, self._db.path) from None
-        self._reads.append((args, result))
+        if record:
+            self._reads.append((args, result))
         return result
 
     async def _read(self, key: bytes) -> bytes | None:
@@ -186,6 +189,23 @@ class SQLiteTransaction(BufferedTransaction):
         result: list[KeyValue] = await self._query(("range", begin, end, limit, reverse))
         return result
 
+    async def _read_snapshot(self, key: bytes) -> bytes | None:
+        result: bytes | None = await self._query(("get", key), record=False)
+        return result
+
+    async def _read_range_snapshot(
+        self, begin: bytes, end: bytes, limit: int, reverse: bool
+    ) -> list[KeyValue]:
+        result: list[KeyValue] = await self._query(
+            ("range", begin, end, limit, reverse), record=False
+        )
+        return result
+
+    def add_read_conflict_range(self, begin: bytes, end: bytes) -> None:
+        super().add_read_conflict_range(begin, end)
+        if begin < end:
+            self._unread.append((begin, end))
+
     async def _snapshot_get(self, key: bytes) -> object:
         conn = await self._snapshot()
         try:
@@ -197,6 +217,11 @@ class SQLiteTransaction(BufferedTransaction):
         buf = self.buffer
         if buf.is_empty():
             return None
+        # Validation replays reads, so an added conflict range needs its snapshot
+        # contents (a snapshot starts here if nothing was read before: FoundationDB
+        # also takes its read version lazily).
+        for begin, end in self._unread:
+            await self._query(("range", begin, end, 0, False))
         conn = self._conn
         if conn is None:
             conn = self._conn = await self._db._acquire()

@@ -23,7 +23,9 @@ from dgen.conformance.suite.test_isolation import *  # noqa: F403
 from dgen.conformance.suite.test_isolation import __all__ as _isolation
 from dgen.conformance.suite.test_ordered import *  # noqa: F403
 from dgen.conformance.suite.test_ordered import __all__ as _ordered
+from dgen.conformance.suite.test_snapshot import *  # noqa: F403
+from dgen.conformance.suite.test_snapshot import __all__ as _snapshot
 from dgen.conformance.suite.test_watches import *  # noqa: F403
 from dgen.conformance.suite.test_watches import __all__ as _watches
 
-__all__ = [*_basics, *_isolation, *_ordered, *_watches, *_durability]
+__all__ = [*_basics, *_isolation, *_snapshot, *_ordered, *_watches, *_durability]
