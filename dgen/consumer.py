@@ -519,9 +519,12 @@ class Consumer:
         current = await self._load_state(tr)
         if current is None:
             raise RuntimeError(f"tenant {self.tenant!r} has no state (was it deleted?)")
-        # A probe reads only the head: a short read does not conflict with producers.
+        # A batch reads the head as a snapshot and declares a conflict on the
+        # messages it consumes only (in _handle_batch): a short queue read no
+        # longer conflicts with every producer appending behind it. A probe
+        # reads one key, which conflicts with nothing behind it anyway.
         limit = 1 if self._probing else self._batch_limit or self.batch_size
-        messages = await read_head(tr, self.keys, limit)
+        messages = await read_head(tr, self.keys, limit, snapshot=not self._probing)
         if not messages:
             return _Wait(tr.watch(self.keys.push))
         if self._probing and messages[0].stamp != self._counted:
@@ -591,6 +594,9 @@ class Consumer:
                 raise _SmallerBatch(done.messages - 1) from None  # find the culprit
             self._failed = last
             raise
+        # Another consumer of the same messages, or an operator requeueing one
+        # at the head, conflicts here; producers (later stamps) do not.
+        tr.add_read_conflict_range(self.keys.queue_begin, self.keys.message(last.stamp) + b"\xff")
         if self.max_attempts is not None:
             # Attempt records of consumed messages (and older leftovers) go too:
             # one blind range clear, which never conflicts with producers.

@@ -250,13 +250,16 @@ def enqueue(
     tr.add(keys.push, 1)
 
 
-async def read_head(tr: Transaction, keys: TenantKeys, limit: int) -> list[Message]:
+async def read_head(
+    tr: Transaction, keys: TenantKeys, limit: int, *, snapshot: bool = False
+) -> list[Message]:
     """Up to ``limit`` messages from the head of the queue, oldest first.
 
     Reads at most ``limit`` keys, so chunked messages make the batch smaller;
-    a chunked first message is always read whole.
+    a chunked first message is always read whole. With ``snapshot`` the head
+    read adds no read conflict: the caller declares one over what it consumes.
     """
-    rows = await tr.get_range(keys.queue_begin, keys.queue_end, limit=limit)
+    rows = await tr.get_range(keys.queue_begin, keys.queue_end, limit=limit, snapshot=snapshot)
     plen = len(keys.prefix)
     messages: list[Message] = []
     i = 0
