@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -79,7 +80,8 @@ async def start(
     per transaction (1 disables batching); ``lease`` is how long, in seconds,
     a lock survives its consumer's death before another takes it over.
 
-    Leaving the block cancels the consumer. If the consumer crashes (a
+    Leaving the block cancels the consumer and removes the reply slots of
+    the calls made through the yielded handle. If the consumer crashes (a
     handler raised), the block is cancelled and its exception propagates
     from the ``async with``; starting again retries the message.
     """
@@ -104,6 +106,10 @@ async def start(
             if len(group_error.exceptions) == 1:
                 raise group_error.exceptions[0] from None
             raise
+        # The block's last call left its reply slot for the next enqueue;
+        # there is none, so clear it now (best effort: else the GC does).
+        with contextlib.suppress(Exception):
+            await running.clear_finished()
 
 
 @asynccontextmanager

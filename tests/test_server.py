@@ -346,6 +346,12 @@ async def test_a_failing_action_is_logged_and_loses_nothing(
             message_id = await running.cast("fail")
             await running.cast(1)
             assert await running.call("x") == 101
+            # The reply arrives at commit; the batch's actions run after it.
+
+            async def acted() -> bool:
+                return any(label == "call" for label, _, _ in server.seen)
+
+            await eventually(acted, "the call's action")
             assert running.stats.action_failures == 1
     assert [label for label, _, _ in server.seen][:2] == ["after-fail", "cast 1"]
     assert await stored_state(db, "act") == 111
