@@ -238,7 +238,9 @@ def print_table(results: list[dict[str, Any]]) -> None:
             ratio = f"{f['ratio']:.2f}x {f['baseline']}" if "ratio" in f else ""
             target = ""
             if "target" in f:
-                target = f"target {f['target']}: {'ok' if f['meets'] else 'MISS'}"
+                # No verdict without a baseline measured in this run.
+                verdict = {True: "ok", False: "MISS"}.get(f.get("meets"), "n/a")
+                target = f"target {f['target']}: {verdict}"
             print(f"  {f['key']:30} {f['median']:>12,.2f} {f['unit']:10} {ratio:22} {target}")
         if r.get("error"):
             print(f"  ERROR: {r['error']}")

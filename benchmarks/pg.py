@@ -13,7 +13,7 @@ from typing import Any
 
 from benchmarks.common import REPO, with_database, without_query
 
-DGEN_OPTIONS = ("schema", "pool_size", "watch_poll_interval", "synchronous_commit")
+DGEN_OPTIONS = ("schema", "pool_size", "watch_poll_interval", "synchronous_commit", "notify")
 
 
 def start_throwaway() -> Any:
