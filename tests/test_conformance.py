@@ -22,8 +22,7 @@ from dgen.keys import pack, range_of
 # Known, reported conformance failures of built-in backends:
 # (backend, test) -> reason. Strict xfail: once the backend is fixed the test
 # passes, the run fails, and the entry must go.
-KNOWN_FAILURES: dict[tuple[str, str], str] = {
-}
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 
 @pytest.fixture(params=BACKENDS)
