@@ -228,8 +228,9 @@ class SQLiteTransaction(BufferedTransaction):
             self._finalizer = weakref.finalize(self, self._db._reclaim, conn)
         read_version, reads = self._read_version, self._reads
         path = self._db.path
+        watched_before = self._db._watch_generation
 
-        def commit(sql: sqlite3.Connection, may_wait: bool) -> bytes:
+        def commit(sql: sqlite3.Connection, may_wait: bool) -> tuple[bytes, dict[bytes, Any]]:
             if sql.in_transaction:
                 sql.execute("ROLLBACK")
             try:
@@ -281,17 +282,21 @@ class SQLiteTransaction(BufferedTransaction):
                 if sql.in_transaction:
                     sql.execute("ROLLBACK")
                 raise _map_error(exc, path, committing=True) from None
-            return stamp
+            return stamp, _new_values(self._db._watched_keys, buf.cleared, deletes, puts)
 
         async with self._db._write_lock:
             if self._db.synchronous in ("off", "normal"):
                 try:
-                    stamp = commit(conn.open(), False)
+                    stamp, changed = commit(conn.open(), False)
                 except _Busy:
-                    stamp = await conn.run(lambda sql: commit(sql, True))
+                    stamp, changed = await conn.run(lambda sql: commit(sql, True))
             else:
-                stamp = await conn.run(lambda sql: commit(sql, True))
-        self._db._poke_watcher()
+                stamp, changed = await conn.run(lambda sql: commit(sql, True))
+        # This process's watches on keys this commit wrote fire now, without the
+        # watcher thread's hop; it still finds other processes' commits.
+        self._db._deliver_local(changed)
+        if self._db._watch_generation != watched_before:
+            self._db._poke_watcher()  # a watch armed meanwhile may have missed it
         return stamp
 
     def _register_watch(self, watch: Watch, baseline: object) -> None:
@@ -311,6 +316,24 @@ class SQLiteTransaction(BufferedTransaction):
             self._db._give_back(conn, broken=True)
         else:
             self._db._give_back(conn)
+
+
+def _new_values(
+    watched: frozenset[bytes],
+    cleared: list[tuple[bytes, bytes]],
+    deletes: list[tuple[bytes]],
+    puts: list[tuple[bytes, bytes]],
+) -> dict[bytes, bytes | None]:
+    """The committed values of the watched keys a commit wrote (clears first,
+    as the commit applied them)."""
+    if not watched:
+        return {}
+    changed: dict[bytes, bytes | None] = {}
+    for begin, end in cleared:
+        changed.update((key, None) for key in watched if begin <= key < end)
+    changed.update((key, None) for (key,) in deletes if key in watched)
+    changed.update((key, value) for key, value in puts if key in watched)
+    return changed
 
 
 def _execute_read(sql: sqlite3.Connection, args: tuple[Any, ...]) -> Any:
@@ -445,6 +468,27 @@ class SQLiteDatabase(Database):
     def _poke_watcher(self) -> None:
         if self._watcher is not None and self._watches:
             self._watcher.wake.set()
+
+    def _deliver_local(self, changed: dict[bytes, bytes | None]) -> None:
+        """Fire the watches on keys a commit of this process just wrote."""
+        for key, value in changed.items():
+            entries = self._watches.get(key)
+            if entries is None:
+                continue
+            keep = []
+            for entry in entries:
+                watch, baseline, _ = entry
+                if watch.done():
+                    continue
+                if value != baseline:
+                    watch._fire()
+                else:
+                    keep.append(entry)
+            if keep:
+                self._watches[key] = keep
+            else:
+                del self._watches[key]
+                self._watched_keys = frozenset(self._watches)
 
     def _deliver(self, generation: int, values: dict[bytes, bytes | None]) -> None:
         for key in list(self._watches):
