@@ -197,6 +197,8 @@ class _Done:
     locked: _LockRecord | None = None
     dead_letter: str | None = None
     """The id of the message this transaction dead-lettered."""
+    watch: Watch | None = None
+    """The push counter's watch, armed when the batch emptied the queue."""
 
 
 @dataclass(slots=True)
@@ -493,9 +495,14 @@ class Consumer:
                 stop = outcome.stop
                 if outcome.locked is not None:
                     stop = await self._run_locked(outcome.locked, outcome.cache.state)
+            watch = outcome.watch if isinstance(outcome, _Done) else None
             if stop is not None:
+                if watch is not None:
+                    watch.cancel()
                 self.stop_reason = stop.reason
                 return stop.reason
+            if watch is not None:
+                await self._sleep(_Wait(watch))
             return _CONTINUE
 
     async def _sleep(self, wait: _Wait) -> None:
@@ -524,13 +531,19 @@ class Consumer:
         # longer conflicts with every producer appending behind it. A probe
         # reads one key, which conflicts with nothing behind it anyway.
         limit = 1 if self._probing else self._batch_limit or self.batch_size
-        messages = await read_head(tr, self.keys, limit, snapshot=not self._probing)
+        messages, whole = await read_head(tr, self.keys, limit, snapshot=not self._probing)
         if not messages:
             return _Wait(tr.watch(self.keys.push))
         if self._probing and messages[0].stamp != self._counted:
             # (Once counted, the suspect runs alone, limit 1: a crash is its own.)
             return await self._probe(tr, current, messages[0])
-        return await self._handle_batch(tr, current, messages)
+        done = await self._handle_batch(tr, current, messages)
+        if whole and done.messages == len(messages) and not (done.stop or done.locked):
+            # The batch emptied the queue as of this snapshot: arm the push watch
+            # here, not in a read-only transaction of its own after this one (it
+            # fires at once if a producer committed meanwhile).
+            done.watch = tr.watch(self.keys.push)
+        return done
 
     async def _handle_batch(
         self, tr: Transaction, current: _Cached, messages: list[Message]

@@ -252,14 +252,16 @@ def enqueue(
 
 async def read_head(
     tr: Transaction, keys: TenantKeys, limit: int, *, snapshot: bool = False
-) -> list[Message]:
-    """Up to ``limit`` messages from the head of the queue, oldest first.
+) -> tuple[list[Message], bool]:
+    """Up to ``limit`` messages from the head of the queue, oldest first, and
+    whether they are the whole queue (as of this transaction's snapshot).
 
     Reads at most ``limit`` keys, so chunked messages make the batch smaller;
     a chunked first message is always read whole. With ``snapshot`` the head
     read adds no read conflict: the caller declares one over what it consumes.
     """
     rows = await tr.get_range(keys.queue_begin, keys.queue_end, limit=limit, snapshot=snapshot)
+    whole = len(rows) < limit
     plen = len(keys.prefix)
     messages: list[Message] = []
     i = 0
@@ -284,7 +286,7 @@ async def read_head(
                 break  # the rest of this message is beyond the limit: next batch
         kind, reply_slot, payload = codec.decode(record)
         messages.append(Message(stamp.to_bytes(), kind, payload, reply_slot, len(record)))
-    return messages
+    return messages, whole
 
 
 def clear_message(tr: Transaction, keys: TenantKeys, stamp: bytes) -> None:

@@ -440,7 +440,8 @@ async def test_fifty_alternating_casts_and_calls(db: Database, counter: Counter)
             await server.cast(1)
             assert await server.call("value") == i
         assert server.stats.state_reads == 0
-        assert server.stats.cache_hits >= 100
+        # Every consume transaction after init used the cache (at least one per call).
+        assert server.stats.cache_hits >= max(server.stats.transactions - 1, 50)
 
 
 async def test_cache_is_filled_at_start_from_stored_state(db: Database) -> None:
@@ -454,7 +455,8 @@ async def test_cache_is_filled_at_start_from_stored_state(db: Database) -> None:
             await server.call("value")
         assert await server.call("value") == 14
         assert server.stats.state_reads == 1
-        assert server.stats.cache_hits >= 10
+        # Every consume after the start read only the version key.
+        assert server.stats.cache_hits >= max(server.stats.transactions - 1, 5)
 
 
 async def test_two_consumers_in_one_process_never_read_stale_state(
