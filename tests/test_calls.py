@@ -180,6 +180,19 @@ async def test_a_call_commits_once_on_the_caller_side(db: Database) -> None:
     assert counting.read_commits >= 20
 
 
+async def test_a_call_costs_the_consumer_one_transaction(db: Database) -> None:
+    h = dgen.handle(db, "lean")
+    async with dgen.start(Echo(), db, "lean") as running:
+        assert await h.call("warm", timeout=WAIT) == "warm"
+        before = running.stats.transactions
+        for i in range(20):
+            assert await h.call(i, timeout=WAIT) == i
+        # The consume transaction that emptied the queue armed the next wake-up
+        # itself: no idle read-only transaction per call (that made it 40).
+        # Some slack for a backend's spurious wake-ups.
+        assert running.stats.transactions - before <= 25
+
+
 async def test_a_finished_slot_is_cleared_by_the_next_enqueue(db: Database) -> None:
     h = dgen.handle(db, "next")
     async with dgen.start(Echo(), db, "next") as running:
