@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import dgen
+from dgen.conformance import run_suite, suite
 from dgen.store import Transaction
 
 pytestmark = pytest.mark.anyio
@@ -105,6 +106,7 @@ async def test_read_only_file(read_only_file: Path) -> None:
         ("busy_timeout=soon", "not a number"),
         ("pool_size=0", "at least 1"),
         ("journal=delete", r"unknown option\(s\) journal"),
+        ("commit=later", "commit='later'.* not one of thread, inline"),
     ],
 )
 async def test_bad_options(tmp_path: Path, query: str, message: str) -> None:
@@ -118,6 +120,14 @@ async def test_synchronous_levels(tmp_path: Path, level: str) -> None:
         await put(db, b"k", level.encode())
         assert await get(db, b"k") == level.encode()
         assert getattr(db, "synchronous", None) == level
+
+
+def test_inline_commits_pass_the_conformance_suite(tmp_path: Path) -> None:
+    # commit=inline fsyncs on the event loop instead of the connection's
+    # thread: the same contract (SIGKILL durability included) must hold.
+    result = run_suite(f"sqlite:///{tmp_path}/inline.db?commit=inline", out=None)
+    assert result.ok, result.failed
+    assert sorted(result.passed) == sorted(suite.__all__)  # nothing skipped
 
 
 async def test_no_file_given() -> None:

@@ -51,7 +51,8 @@ __all__ = ["SQLiteDatabase", "open_database"]
 T = TypeVar("T")
 SCHEMA_VERSION = 1
 _SYNCHRONOUS = ("off", "normal", "full", "extra")
-_OPTIONS = ("synchronous", "busy_timeout", "poll_interval", "pool_size")
+_OPTIONS = ("synchronous", "busy_timeout", "poll_interval", "pool_size", "commit")
+_COMMIT_MODES = ("thread", "inline")
 _BUSY = {5, 6, 517, 261, 262}  # BUSY, LOCKED, BUSY_SNAPSHOT, BUSY_RECOVERY, LOCKED_SHAREDCACHE
 _GET = "SELECT value FROM dgen_kv WHERE key = ?"
 _VERSION = "SELECT value FROM dgen_meta WHERE name = 'commit_version'"
@@ -285,7 +286,7 @@ class SQLiteTransaction(BufferedTransaction):
             return stamp, _new_values(self._db._watched_keys, buf.cleared, deletes, puts)
 
         async with self._db._write_lock:
-            if self._db.synchronous in ("off", "normal"):
+            if self._db.inline_commits:
                 try:
                     stamp, changed = commit(conn.open(), False)
                 except _Busy:
@@ -399,10 +400,14 @@ class SQLiteDatabase(Database):
         busy_timeout: float,
         poll_interval: float,
         pool_size: int,
+        commit: str = "thread",
     ) -> None:
         self.url = url
         self.path = path
         self.synchronous = synchronous
+        # Commits that cannot fsync run on the loop; with commit=inline, all
+        # do (a busy write lock still sends them to the connection's thread).
+        self.inline_commits = commit == "inline" or synchronous in ("off", "normal")
         self.busy_timeout = busy_timeout
         self.poll_interval = poll_interval
         self.pool_size = pool_size
@@ -620,7 +625,10 @@ async def open_database(url: URL) -> SQLiteDatabase:
     Options: ``synchronous`` (off, normal, full [default], extra),
     ``busy_timeout`` seconds to wait for another process's write lock (30),
     ``poll_interval`` seconds between cross-process watch checks (0.002),
-    ``pool_size`` connections per database (8).
+    ``pool_size`` connections per database (8), ``commit``: ``thread``
+    (default) runs a syncing commit on the connection's thread; ``inline``
+    runs it on the event loop, which saves a thread hop per commit but
+    stalls the loop for the fsync (docs/sqlite.md).
     """
     options = url.check_options(_OPTIONS)
     synchronous = options.get("synchronous", "full").lower()
@@ -631,9 +639,14 @@ async def open_database(url: URL) -> SQLiteDatabase:
     busy_timeout = _number(url, "busy_timeout", 30.0, 0.0)
     poll_interval = _number(url, "poll_interval", 0.002, 0.0001)
     pool_size = int(_number(url, "pool_size", 8, 1))
+    commit = options.get("commit", "thread").lower()
+    if commit not in _COMMIT_MODES:
+        raise URLError(
+            f"option commit={commit!r} in {url} is not one of {', '.join(_COMMIT_MODES)}"
+        )
     path = _path_from_url(url)
     _check_file(path, url)
-    db = SQLiteDatabase(url, path, synchronous, busy_timeout, poll_interval, pool_size)
+    db = SQLiteDatabase(url, path, synchronous, busy_timeout, poll_interval, pool_size, commit)
     conn = await db._acquire()
     try:
         await conn.run(lambda sql: _setup_schema(sql, path))
