@@ -95,11 +95,12 @@ def test_suite_fails_on_broken_backend(scheme: str, monkeypatch: pytest.MonkeyPa
 
 
 def test_suite_catches_watches_that_miss_other_processes(tmp_path: Path) -> None:
-    """Real OS processes: SQLite with a one-hour watch poll interval notices
-    commits made through other connections (other processes included) only
-    when it polls, i.e. never within the test. The cross-process watch tests
-    must fail; the worker processes really commit (their lines are read)."""
-    url = f"sqlite:///{tmp_path / 'deaf.db'}?poll_interval=3600"
+    """Real OS processes: SQLite with a one-hour watch poll interval and no
+    wake-up sockets (wake=off) notices commits made through other connections
+    (other processes included) only when it polls, i.e. never within the test.
+    The cross-process watch tests must fail; the worker processes really
+    commit (their lines are read)."""
+    url = f"sqlite:///{tmp_path / 'deaf.db'}?poll_interval=3600&wake=off"
     result = _run(url, "watch")
     for name in (
         "test_watch_fires_on_commit_from_another_process",

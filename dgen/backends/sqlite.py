@@ -20,9 +20,15 @@ that thread; see docs/sqlite.md for why we do not use aiosqlite.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
+import secrets
+import selectors
+import socket
 import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -51,11 +57,16 @@ __all__ = ["SQLiteDatabase", "open_database"]
 T = TypeVar("T")
 SCHEMA_VERSION = 1
 _SYNCHRONOUS = ("off", "normal", "full", "extra")
-_OPTIONS = ("synchronous", "busy_timeout", "poll_interval", "pool_size", "commit")
+_OPTIONS = ("synchronous", "busy_timeout", "poll_interval", "pool_size", "commit", "wake")
 _COMMIT_MODES = ("thread", "inline")
 _BUSY = {5, 6, 517, 261, 262}  # BUSY, LOCKED, BUSY_SNAPSHOT, BUSY_RECOVERY, LOCKED_SHAREDCACHE
 _GET = "SELECT value FROM dgen_kv WHERE key = ?"
 _VERSION = "SELECT value FROM dgen_meta WHERE name = 'commit_version'"
+_WAKE_MODES = ("socket", "off")
+_WAKE_NAME = re.compile(r"[0-9]{1,10}-[0-9a-f]{8}")  # pid-random: a wake socket's file name
+_WAKE_NAME_MAX = 19
+_SUN_PATH_MAX = 107  # bytes of a socket path (sun_path holds 108 with the NUL)
+_WAKE_REFRESH = 0.005  # seconds a committing process trusts its listing of the wake sockets
 
 
 def _range_sql(limit: int, reverse: bool) -> str:
@@ -229,6 +240,7 @@ class SQLiteTransaction(BufferedTransaction):
             self._finalizer = weakref.finalize(self, self._db._reclaim, conn)
         read_version, reads = self._read_version, self._reads
         path = self._db.path
+        wake = self._db._wake
         watched_before = self._db._watch_generation
 
         def commit(sql: sqlite3.Connection, may_wait: bool) -> tuple[bytes, dict[bytes, Any]]:
@@ -283,6 +295,8 @@ class SQLiteTransaction(BufferedTransaction):
                 if sql.in_transaction:
                     sql.execute("ROLLBACK")
                 raise _map_error(exc, path, committing=True) from None
+            if wake is not None:
+                wake.notify()  # from here: no hop back to the loop before other processes look
             return stamp, _new_values(self._db._watched_keys, buf.cleared, deletes, puts)
 
         async with self._db._write_lock:
@@ -345,47 +359,267 @@ def _execute_read(sql: sqlite3.Connection, args: tuple[Any, ...]) -> Any:
     return sql.execute(_range_sql(limit, reverse), (begin, end)).fetchall()
 
 
-class _Watcher(threading.Thread):
-    """Polls ``PRAGMA data_version`` and reports watched keys' values."""
+class _WakeChannel:
+    """Wake-ups across processes: a latency hint, never relied on.
 
-    def __init__(self, db: SQLiteDatabase, loop: asyncio.AbstractEventLoop) -> None:
+    A database object whose watcher runs binds a Unix datagram socket in
+    ``<database file>-dgenwake/``; each commit sends one byte to every other
+    socket there, so their watchers look at once instead of at their next
+    poll. A datagram that is lost, refused or never sent only means that
+    watcher finds the change when it polls. Sockets left by killed processes
+    refuse datagrams; the first sender to meet one removes it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.directory = os.path.abspath(path) + "-dgenwake"
+        self.db_path = path
+        self.name: str | None = None  # this object's socket, skipped by its own sends
+        self.receiver: socket.socket | None = None
+        self._sender: socket.socket | None = None
+        self._peers: list[str] = []
+        self._peers_fd: int | None = None  # keeps the /proc/self/fd prefix of _peers valid
+        self._refresh_at = 0.0
+
+    def _open(self) -> tuple[str, int | None]:
+        """How to address the directory's sockets now. A socket path is
+        limited to 107 bytes; Linux reaches a longer directory through a
+        descriptor of it, as /proc/self/fd/N (the caller closes it)."""
+        if len(self.directory.encode()) + 1 + _WAKE_NAME_MAX <= _SUN_PATH_MAX:
+            return self.directory, None
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        if not os.path.isdir(f"/proc/self/fd/{fd}"):
+            os.close(fd)
+            raise OSError(f"{self.directory} is too long for a socket path")
+        return f"/proc/self/fd/{fd}", fd
+
+    def bind(self) -> socket.socket | None:
+        """This object's receiving socket, or None (the watcher then polls only)."""
+        if self.receiver is not None:
+            return self.receiver
+        name = f"{os.getpid()}-{secrets.token_hex(4)}"
+        for _ in range(2):  # a closing process may remove the directory between the steps
+            sock = fd = None
+            try:
+                mode = _wake_mode(os.stat(self.db_path).st_mode)
+                try:
+                    os.mkdir(self.directory, mode)
+                    os.chmod(self.directory, mode)  # mkdir's mode is masked by the umask
+                except FileExistsError:
+                    pass
+                prefix, fd = self._open()
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                sock.setblocking(False)
+                sock.bind(f"{prefix}/{name}")
+                os.chmod(f"{prefix}/{name}", mode & 0o666)
+            except OSError:
+                if sock is not None:
+                    sock.close()
+                continue
+            finally:
+                if fd is not None:
+                    os.close(fd)
+            self.name, self.receiver = name, sock
+            self._sweep()
+            return sock
+        return None
+
+    def _sweep(self) -> None:
+        """Remove the sockets of processes that died without closing."""
+        with (
+            contextlib.suppress(OSError),
+            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe,
+        ):
+            prefix, fd = self._open()
+            try:
+                for name in os.listdir(self.directory):
+                    if name == self.name or not _WAKE_NAME.fullmatch(name):
+                        continue
+                    try:
+                        probe.connect(f"{prefix}/{name}")  # sends nothing
+                    except ConnectionRefusedError:
+                        os.unlink(f"{prefix}/{name}")
+                    except OSError:
+                        pass
+            finally:
+                if fd is not None:
+                    os.close(fd)
+
+    def unbind(self) -> None:
+        """Close and remove this object's socket, and the directory if it was the last."""
+        sock, name = self.receiver, self.name
+        self.receiver = self.name = None
+        if sock is None or name is None:
+            return
+        sock.close()
+        with contextlib.suppress(OSError):
+            prefix, fd = self._open()
+            try:
+                os.unlink(f"{prefix}/{name}")
+            finally:
+                if fd is not None:
+                    os.close(fd)
+        self._sweep()
+        with contextlib.suppress(OSError):
+            os.rmdir(self.directory)  # fails while live sockets remain
+
+    def notify(self) -> None:
+        """Wake every other watcher of this file; called after each writing
+        commit (one at a time), so it must be cheap and never block or raise."""
+        now = time.monotonic()
+        if now >= self._refresh_at:
+            self._refresh(now)
+        if not self._peers:
+            return
+        try:
+            if self._sender is None:
+                self._sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self._sender.setblocking(False)
+            sender = self._sender
+        except OSError:
+            return
+        failed = []
+        for address in self._peers:
+            try:
+                sender.sendto(b"\0", address)
+            except BlockingIOError:
+                pass  # its queue is full: that watcher has wake-ups pending already
+            except ConnectionRefusedError:
+                # Nobody bound to it: the socket of a killed process.
+                with contextlib.suppress(OSError):
+                    os.unlink(address)
+                failed.append(address)
+            except OSError:
+                failed.append(address)  # gone, or not ours to write; until the next listing
+        if failed:
+            self._peers = [address for address in self._peers if address not in failed]
+
+    def _refresh(self, now: float) -> None:
+        # Listing every few milliseconds at most keeps the commit path at one
+        # clock read when nobody listens, and still finds a new watcher soon.
+        self._refresh_at = now + _WAKE_REFRESH
+        own, peers, fd = self.name, [], None
+        try:
+            names = [n for n in os.listdir(self.directory) if n != own and _WAKE_NAME.fullmatch(n)]
+            if names:
+                prefix, fd = self._open()
+                peers = [f"{prefix}/{n}" for n in names]
+        except OSError:
+            pass
+        old, self._peers_fd, self._peers = self._peers_fd, fd, peers
+        if old is not None:
+            os.close(old)
+
+    def close(self) -> None:
+        self.unbind()
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None
+        if self._peers_fd is not None:
+            os.close(self._peers_fd)
+        self._peers, self._peers_fd = [], None
+
+
+def _wake_mode(db_mode: int) -> int:
+    """The wake directory's permissions: the owner's, plus the group's and
+    others' where they may write the database file too."""
+    mode = 0o700
+    if db_mode & 0o020:
+        mode |= 0o070
+    if db_mode & 0o002:
+        mode |= 0o007
+    return mode
+
+
+def _drain(sock: socket.socket | None) -> bool:
+    """Read every pending datagram; whether there was one."""
+    got = False
+    while sock is not None:
+        try:
+            if not sock.recv(64):
+                return True  # the other end closed (a poke pair at shutdown)
+        except OSError:  # BlockingIOError: empty
+            break
+        got = True
+    return got
+
+
+class _Watcher(threading.Thread):
+    """Checks ``PRAGMA data_version`` and reports watched keys' values.
+
+    While watches exist it checks every ``poll_interval`` and whenever a
+    commit of this database object pokes it or another process's commit
+    sends it a wake-up datagram; without watches it sleeps until poked.
+    """
+
+    def __init__(
+        self, db: SQLiteDatabase, loop: asyncio.AbstractEventLoop, wake: _WakeChannel | None
+    ) -> None:
         super().__init__(name="dgen-sqlite-watch", daemon=True)
         self.db = db
         self.loop = loop
-        self.wake = threading.Event()
         self.stopping = False
+        self._poke_r, self._poke_w = socket.socketpair()
+        self._poke_r.setblocking(False)
+        self._poke_w.setblocking(False)
+        # Bound here, before the watch's transaction returns, so a process
+        # told "watching" by this one can already wake it.
+        self.wake = wake
+        self.wake_socket = wake.bind() if wake is not None else None
+
+    def poke(self) -> None:
+        """Make the watcher re-read every watched key now (any thread)."""
+        with contextlib.suppress(OSError):  # full: a poke is pending anyway
+            self._poke_w.send(b"\0")
 
     def run(self) -> None:
         db = self.db
         sql: sqlite3.Connection | None = None
         seen: int | None = None
-        while not self.stopping:
-            try:
-                if sql is None:
-                    sql = sqlite3.connect(db.path, isolation_level=None, timeout=db.busy_timeout)
-                forced = self.wake.is_set()
-                self.wake.clear()
-                version = sql.execute("PRAGMA data_version").fetchone()[0]
-                if (forced or version != seen) and db._watched_keys:
-                    seen = version
-                    generation, keys = db._watch_generation, list(db._watched_keys)
-                    values: dict[bytes, bytes | None] = dict.fromkeys(keys)
-                    for i in range(0, len(keys), 500):
-                        chunk = keys[i : i + 500]
-                        marks = ",".join("?" * len(chunk))
-                        query = f"SELECT key, value FROM dgen_kv WHERE key IN ({marks})"
-                        values.update(sql.execute(query, chunk).fetchall())
-                    self.loop.call_soon_threadsafe(db._deliver, generation, values)
-            except sqlite3.Error:
-                # Transient (busy, file replaced): reconnect and treat as changed.
-                if sql is not None:
-                    sql.close()
-                sql, seen = None, None
-            except RuntimeError:
-                break  # the event loop is closed
-            self.wake.wait(db.poll_interval)
-        if sql is not None:
-            sql.close()
+        idle, watching = selectors.DefaultSelector(), selectors.DefaultSelector()
+        idle.register(self._poke_r, selectors.EVENT_READ)
+        watching.register(self._poke_r, selectors.EVENT_READ)
+        if self.wake_socket is not None:
+            watching.register(self.wake_socket, selectors.EVENT_READ)
+        try:
+            while not self.stopping:
+                forced = _drain(self._poke_r)
+                _drain(self.wake_socket)
+                if not db._watched_keys:
+                    idle.select()
+                    continue
+                try:
+                    if sql is None:
+                        sql = sqlite3.connect(
+                            db.path, isolation_level=None, timeout=db.busy_timeout
+                        )
+                    version = sql.execute("PRAGMA data_version").fetchone()[0]
+                    if forced or version != seen:
+                        seen = version
+                        generation, keys = db._watch_generation, list(db._watched_keys)
+                        values: dict[bytes, bytes | None] = dict.fromkeys(keys)
+                        for i in range(0, len(keys), 500):
+                            chunk = keys[i : i + 500]
+                            marks = ",".join("?" * len(chunk))
+                            query = f"SELECT key, value FROM dgen_kv WHERE key IN ({marks})"
+                            values.update(sql.execute(query, chunk).fetchall())
+                        self.loop.call_soon_threadsafe(db._deliver, generation, values)
+                except sqlite3.Error:
+                    # Transient (busy, file replaced): reconnect and treat as changed.
+                    if sql is not None:
+                        sql.close()
+                    sql, seen = None, None
+                except RuntimeError:
+                    break  # the event loop is closed
+                watching.select(db.poll_interval)
+        finally:
+            idle.close()
+            watching.close()
+            if sql is not None:
+                sql.close()
+            if self.wake is not None:
+                self.wake.unbind()
+            self._poke_r.close()
+            self._poke_w.close()
 
 
 class SQLiteDatabase(Database):
@@ -401,6 +635,7 @@ class SQLiteDatabase(Database):
         poll_interval: float,
         pool_size: int,
         commit: str = "thread",
+        wake: str = "socket",
     ) -> None:
         self.url = url
         self.path = path
@@ -418,6 +653,8 @@ class SQLiteDatabase(Database):
         self._watched_keys: frozenset[bytes] = frozenset()
         self._watch_generation = 0
         self._watcher: _Watcher | None = None
+        # Unix only: the wake-up sockets live in the file system.
+        self._wake = _WakeChannel(path) if wake == "socket" and os.name == "posix" else None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -466,13 +703,13 @@ class SQLiteDatabase(Database):
         self._watches.setdefault(watch.key, []).append((watch, baseline, self._watch_generation))
         self._watched_keys = frozenset(self._watches)
         if self._watcher is None or not self._watcher.is_alive():
-            self._watcher = _Watcher(self, asyncio.get_running_loop())
+            self._watcher = _Watcher(self, asyncio.get_running_loop(), self._wake)
             self._watcher.start()
         self._poke_watcher()
 
     def _poke_watcher(self) -> None:
         if self._watcher is not None and self._watches:
-            self._watcher.wake.set()
+            self._watcher.poke()
 
     def _deliver_local(self, changed: dict[bytes, bytes | None]) -> None:
         """Fire the watches on keys a commit of this process just wrote."""
@@ -517,8 +754,10 @@ class SQLiteDatabase(Database):
         self._closed = True
         if self._watcher is not None:
             self._watcher.stopping = True
-            self._watcher.wake.set()
+            self._watcher.poke()
             await asyncio.get_running_loop().run_in_executor(None, self._watcher.join)
+        if self._wake is not None:
+            self._wake.close()
         for entries in self._watches.values():
             for watch, _, _ in entries:
                 watch._fail(UnavailableError(f"{self!r} was closed"))
@@ -646,7 +885,12 @@ async def open_database(url: URL) -> SQLiteDatabase:
         )
     path = _path_from_url(url)
     _check_file(path, url)
-    db = SQLiteDatabase(url, path, synchronous, busy_timeout, poll_interval, pool_size, commit)
+    wake = options.get("wake", "socket").lower()
+    if wake not in _WAKE_MODES:
+        raise URLError(f"option wake={wake!r} in {url} is not one of {', '.join(_WAKE_MODES)}")
+    db = SQLiteDatabase(
+        url, path, synchronous, busy_timeout, poll_interval, pool_size, commit, wake
+    )
     conn = await db._acquire()
     try:
         await conn.run(lambda sql: _setup_schema(sql, path))
