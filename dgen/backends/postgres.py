@@ -62,6 +62,7 @@ SCHEMA_VERSION = 1
 OPTIONS = (
     "application_name",
     "connect_timeout",
+    "group_commit",
     "host",
     "notify",
     "pool_size",
@@ -245,6 +246,120 @@ END $$;
 INSERT INTO {s}.dgen_meta VALUES ('schema_version', '1') ON CONFLICT DO NOTHING;
 """
 
+# Group commit: the commits of several transactions in one statement, so one
+# clock-lock acquisition and one WAL flush. Added alongside dgen_commit (an
+# older DGen sharing the store keeps using that; both take the clock lock), so
+# the table layout and ``schema_version`` are unchanged; a store made by an
+# older DGen gets it on open (_prepare_schema). Per-member arrays are passed
+# flattened, with per-member counts (PostgreSQL arrays must be rectangular);
+# a NULL count array means all zero. Returns each member's version, NULL for a
+# member whose reads conflict (it writes nothing; the others go on).
+_GROUP_SIGNATURE = (
+    "dgen_commit_group(bigint[], int[], bytea[], bytea[], int[], bytea[], bytea[], int[], "
+    "bytea[], int[], bytea[], bytea[], int[], bytea[], numeric[], int[], bytea[], int[], "
+    "bytea[], bigint, bigint, text, text[])"
+)
+_GROUP_DDL = """
+CREATE OR REPLACE FUNCTION {s}.dgen_commit_group(
+    rv bigint[], nr int[], rb bytea[], re bytea[], nc int[], cb bytea[], ce bytea[],
+    nk int[], ck bytea[], ns int[], sk bytea[], sv bytea[], na int[], ak bytea[], ad numeric[],
+    nt int[], tk bytea[], toff int[], tv bytea[],
+    log_window bigint, prune_every bigint, channel text, hashes text[]
+) RETURNS bigint[] LANGUAGE plpgsql AS $$
+DECLARE
+    n int := cardinality(rv);
+    v0 bigint;
+    v bigint;
+    p bigint;
+    result bigint[] := ARRAY[]::bigint[];
+    o_r int := 0; o_c int := 0; o_k int := 0; o_s int := 0; o_a int := 0; o_t int := 0;
+    c_r int; c_c int; c_k int; c_s int; c_a int; c_t int;
+    m_cb bytea[]; m_ce bytea[]; m_ck bytea[]; m_sk bytea[]; m_sv bytea[];
+    m_ak bytea[]; m_ad numeric[]; m_tk bytea[]; m_to int[]; m_tv bytea[];
+    stamp bytea;
+    conflict boolean;
+BEGIN
+    -- One clock-row lock for the whole group, held until COMMIT; the members
+    -- that commit get the versions v0 + 1, v0 + 2, ... in order.
+    UPDATE {s}.dgen_clock SET version = version + n WHERE id = 1
+        RETURNING version - n, pruned INTO v0, p;
+    v := v0;
+    FOR i IN 1 .. n LOOP
+        c_r := coalesce(nr[i], 0); c_c := coalesce(nc[i], 0); c_k := coalesce(nk[i], 0);
+        c_s := coalesce(ns[i], 0); c_a := coalesce(na[i], 0); c_t := coalesce(nt[i], 0);
+        conflict := false;
+        IF c_r > 0 THEN
+            IF rv[i] < p THEN
+                conflict := true;  -- stayed open while more than log_window commits landed
+            ELSE
+                -- Each statement sees the log rows of the earlier members of
+                -- this group, so a conflict inside the group is caught too.
+                EXECUTE format(
+                    'SELECT EXISTS (SELECT 1 FROM %I.dgen_log AS l '
+                    'JOIN unnest($1, $2) AS r(b, e) ON l.rbegin < r.e AND l.rend > r.b '
+                    'WHERE l.version > $3)', {sl})
+                    INTO conflict
+                    USING rb[o_r + 1 : o_r + c_r], re[o_r + 1 : o_r + c_r], rv[i];
+            END IF;
+        END IF;
+        IF conflict THEN
+            result := array_append(result, NULL::bigint);
+        ELSE
+            v := v + 1;
+            m_cb := cb[o_c + 1 : o_c + c_c]; m_ce := ce[o_c + 1 : o_c + c_c];
+            m_ck := ck[o_k + 1 : o_k + c_k];
+            m_sk := sk[o_s + 1 : o_s + c_s]; m_sv := sv[o_s + 1 : o_s + c_s];
+            m_ak := ak[o_a + 1 : o_a + c_a]; m_ad := ad[o_a + 1 : o_a + c_a];
+            m_tk := tk[o_t + 1 : o_t + c_t]; m_to := toff[o_t + 1 : o_t + c_t];
+            m_tv := tv[o_t + 1 : o_t + c_t];
+            DELETE FROM {s}.dgen_kv AS kv USING unnest(m_cb, m_ce) AS r(b, e)
+                WHERE kv.key >= r.b AND kv.key < r.e;
+            DELETE FROM {s}.dgen_kv WHERE key = ANY(m_ck);
+            INSERT INTO {s}.dgen_kv SELECT * FROM unnest(m_sk, m_sv)
+                ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
+            FOR j IN 1 .. c_a LOOP
+                INSERT INTO {s}.dgen_kv VALUES (m_ak[j], {s}.dgen_add(NULL, m_ad[j]))
+                    ON CONFLICT (key) DO UPDATE
+                    SET value = {s}.dgen_add({s}.dgen_kv.value, m_ad[j]);
+            END LOOP;
+            stamp := int8send(v) || '\\x0000'::bytea;
+            INSERT INTO {s}.dgen_kv
+                SELECT overlay(k PLACING stamp FROM o + 1 FOR 10), val
+                FROM unnest(m_tk, m_to, m_tv) AS t(k, o, val)
+                ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
+            INSERT INTO {s}.dgen_log
+                SELECT v, b, e FROM unnest(m_cb, m_ce) AS r(b, e)
+                UNION ALL
+                SELECT v, k, k || '\\x00'::bytea FROM unnest(m_ck || m_sk || m_ak) AS k
+                UNION ALL
+                SELECT v, f, f || '\\x00'::bytea FROM (
+                    SELECT overlay(k PLACING stamp FROM o + 1 FOR 10)
+                    FROM unnest(m_tk, m_to) AS t(k, o)
+                ) AS s(f);
+            IF channel IS NOT NULL THEN
+                -- notify=commit: one notification per member, as a lone commit sends.
+                PERFORM pg_notify(channel, v || hashes[i] || CASE WHEN hashes[i] = ' *' THEN ''
+                    ELSE coalesce((SELECT string_agg(' ' || left(encode(sha256(
+                        overlay(t.k PLACING stamp FROM t.o + 1 FOR 10)), 'hex'), 12), '')
+                    FROM unnest(m_tk, m_to) AS t(k, o)), '') END);
+            END IF;
+            result := array_append(result, v);
+        END IF;
+        o_r := o_r + c_r; o_c := o_c + c_c; o_k := o_k + c_k;
+        o_s := o_s + c_s; o_a := o_a + c_a; o_t := o_t + c_t;
+    END LOOP;
+    IF v < v0 + n THEN
+        UPDATE {s}.dgen_clock SET version = v WHERE id = 1;  -- no gaps for conflicted members
+    END IF;
+    IF v / prune_every > v0 / prune_every AND v > log_window THEN
+        EXECUTE format('DELETE FROM %I.dgen_log WHERE version <= $1', {sl})
+            USING v - log_window;
+        UPDATE {s}.dgen_clock SET pruned = v - log_window WHERE id = 1;
+    END IF;
+    RETURN result;
+END $$;
+"""
+
 LOG_WINDOW = 100_000
 """Commits the conflict log remembers. A transaction that stays open while
 more commits than this land gets a ConflictError (FDB: transaction_too_old)."""
@@ -260,7 +375,11 @@ class _SQL:
         def q(text: str) -> str:
             return sql.SQL(text).format(s=s, sl=sql.Literal(schema)).as_string()
 
-        self.ddl = q(_DDL)
+        self.ddl = q(_DDL + _GROUP_DDL)
+        self.group_ddl = q(_GROUP_DDL)
+        self.has_group = q(
+            "SELECT to_regprocedure(quote_ident({sl}) || '." + _GROUP_SIGNATURE + "')"
+        )
         self.version = q("SELECT value FROM {s}.dgen_meta WHERE name = 'schema_version'")
         self.clock = q("SELECT version FROM {s}.dgen_clock WHERE id = 1")
         # One round trip: a snapshot and the commit version it reflects.
@@ -284,6 +403,15 @@ class _SQL:
         )
         # notify=after: the commit alone; a background task notifies.
         self.commit_only = self.commit[self.commit.index("FROM (SELECT ") + 6 : -len(" AS v) AS c")]
+        # Group commit: notifications (notify=commit) are sent by the function.
+        self.commit_group = q(
+            "SELECT {s}.dgen_commit_group(%(rv)s::bigint[], %(nr)s::int[], %(rb)s::bytea[],"
+            " %(re)s::bytea[], %(nc)s::int[], %(cb)s::bytea[], %(ce)s::bytea[], %(nk)s::int[],"
+            " %(ck)s::bytea[], %(ns)s::int[], %(sk)s::bytea[], %(sv)s::bytea[], %(na)s::int[],"
+            " %(ak)s::bytea[], %(ad)s::numeric[], %(nt)s::int[], %(tk)s::bytea[], %(to)s::int[],"
+            " %(tv)s::bytea[], %(lw)s::bigint, %(pe)s::bigint, %(channel)s::text,"
+            " %(hashes)s::text[])"
+        )
         self.get = q("SELECT value FROM {s}.dgen_kv WHERE key = %s")
         self.get_many = q("SELECT key, value FROM {s}.dgen_kv WHERE key = ANY(%s)")
         rng = "SELECT key, value FROM {s}.dgen_kv WHERE key >= %s AND key < %s ORDER BY key"
@@ -462,66 +590,53 @@ class PostgresTransaction(BufferedTransaction):
         begins, ends = _merge(self.read_ranges) if read else ([], [])
         cleared = list(buf.cleared)
         written = [*clears, *set_keys, *add_keys]
-        watches = self._db.watches
+        db = self._db
+        watches = db.watches
         stamped = buf.stamped
+        raw: dict[str, list[Any]] = {
+            "rb": begins, "re": ends,
+            "cb": [b for b, _ in cleared], "ce": [e for _, e in cleared],
+            "ck": clears, "sk": set_keys, "sv": set_values, "ak": add_keys, "ad": add_deltas,
+            "tk": [k for k, _, _ in stamped], "to": [o for _, o, _ in stamped],
+            "tv": [v for _, _, v in stamped],
+        }  # fmt: skip
         # An empty array is sent as NULL, which every use in dgen_commit
         # treats as empty (unnest, ANY, ||, cardinality): dumping empty
         # arrays was a fifth of the Python time of a one-key commit.
-        params: dict[str, Any] = {
-            "rv": self._read_version, "rb": begins or None, "re": ends or None,
-            "cb": [b for b, _ in cleared] or None, "ce": [e for _, e in cleared] or None,
-            "ck": clears or None, "sk": set_keys or None, "sv": set_values or None,
-            "ak": add_keys or None, "ad": add_deltas or None,
-            "tk": [k for k, _, _ in stamped] or None, "to": [o for _, o, _ in stamped] or None,
-            "tv": [v for _, _, v in stamped] or None,
-            "lw": LOG_WINDOW, "pe": _PRUNE_EVERY,
-        }  # fmt: skip
-        statement = self._db.sql.commit_only
+        params: dict[str, Any] = {k: v or None for k, v in raw.items()}
+        params.update(rv=self._read_version, lw=LOG_WINDOW, pe=_PRUNE_EVERY)
+        hashes: str | None = None
         if watches.in_commit:
-            statement = self._db.sql.commit
             params["channel"] = watches.channel
             tokens = _tokens(written, cleared, _NOTIFY_LIMIT - 24 - 13 * len(stamped))
             if tokens is None:
-                params["hashes"], params["hk"], params["ho"] = " " + _ALL, None, None
+                hashes, params["hk"], params["ho"] = " " + _ALL, None, None
             else:
-                params["hashes"] = "".join(" " + t for t in tokens)
-                params["hk"] = [k for k, _, _ in stamped] or None
-                params["ho"] = [o for _, o, _ in stamped] or None
+                hashes = "".join(" " + t for t in tokens)
+                params["hk"], params["ho"] = params["tk"], params["to"]
+            params["hashes"] = hashes
 
         # One statement, which runs as its own transaction (sessions default
         # to READ COMMITTED): it validates, applies, commits and (by default)
-        # notifies.
-        # Prepared: planning it costs more than running it. Not pipelined
-        # with the ROLLBACK of the read snapshot: psycopg's pipeline costs
-        # more time than the round trip it saves (docs/postgres.md).
+        # notifies; with group commit, possibly for other transactions too.
+        # Not pipelined with the ROLLBACK of the read snapshot: psycopg's
+        # pipeline costs more time than the round trip it saves
+        # (docs/postgres.md).
         if self._conn is None:
             await self._checkout(_assume_alive)  # write-only: no snapshot to end
         conn = self._conn
         assert conn is not None
         if read:
-            with _errors(self._db.url, conn):
+            with _errors(db.url, conn):
                 await conn.execute("ROLLBACK", prepare=False)  # nothing applied yet
         self._open_tx = False
-        failed: psycopg.Error | None = None
-        try:
-            cur = await conn.execute(statement, params, prepare=True)
-        except psycopg.Error as exc:
-            failed = exc
-        if failed is not None:
-            lost = isinstance(failed, psycopg.OperationalError)
-            if lost:
-                watches.unknown_commit()
-            raise _map_error(failed, self._db.url, committing=lost) from failed
-        self._open_tx = False
-        row = await cur.fetchone()
-        assert row is not None
-        version = int(row[0])
+        member = _Member(
+            conn, params, raw, self._read_version, hashes, written, cleared, stamped, buf.size
+        )
+        version = await db.committer.commit(member)
         if not read:
             self._watch_version = version  # the baselines came from the buffer
-        stamp = version.to_bytes(8, "big") + b"\x00\x00"
-        written += [k[:o] + stamp + k[o + 10 :] for k, o, _ in buf.stamped]
-        watches.committed(version, written, cleared)
-        return stamp
+        return version.to_bytes(8, "big") + b"\x00\x00"
 
     def _register_watch(self, watch: Watch, baseline: object) -> None:
         self._db.watches.add(watch, baseline, self._watch_version)
@@ -546,6 +661,244 @@ class PostgresTransaction(BufferedTransaction):
         finally:
             self._open_tx = False
             await self._db.pool.putconn(conn)
+
+
+# -- group commit -------------------------------------------------------------
+
+_GROUP_MAX_MEMBERS = 64
+_GROUP_MAX_BYTES = 1 << 20  # buffered writes of one group statement
+
+
+class _Member:
+    """One transaction's commit, ready to send alone or in a group."""
+
+    __slots__ = (
+        "cleared", "conn", "hashes", "params", "raw", "read_version", "result", "size",
+        "stamped", "task", "written",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        params: dict[str, Any],
+        raw: dict[str, list[Any]],
+        read_version: int,
+        hashes: str | None,
+        written: list[bytes],
+        cleared: list[tuple[bytes, bytes]],
+        stamped: list[tuple[bytes, int, bytes]],
+        size: int,
+    ) -> None:
+        self.conn = conn  # the transaction's own connection, idle now
+        self.params = params  # for a lone dgen_commit
+        self.raw = raw  # the same arrays, for concatenation into a group
+        self.read_version = read_version
+        self.hashes = hashes  # notify=commit: the payload's hashes
+        self.written = written
+        self.cleared = cleared
+        self.stamped = stamped
+        self.size = size + sum(len(b) + len(e) for b, e in zip(raw["rb"], raw["re"], strict=True))
+        self.result: asyncio.Future[int] | None = None  # set when queued
+        # The task that sends a statement on ``conn`` for this member while
+        # the member waits: a cancelled member keeps its connection until
+        # that task is done.
+        self.task: asyncio.Task[None] | None = None
+
+
+async def _outlive(task: asyncio.Task[None]) -> None:
+    """Wait for ``task`` to end, even through cancellations."""
+    while not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([task])
+
+
+class _GroupCommit:
+    """Sends a database object's commits, grouping concurrent ones.
+
+    A commit that finds no statement in flight goes out at once, alone
+    (``dgen_commit``, as without grouping). Commits arriving while one is in
+    flight queue, and go out together as the next statement
+    (``dgen_commit_group``): one round trip, one clock-lock acquisition, one
+    WAL flush. The next group is sent on its first member's connection.
+    With ``group_commit=off`` every commit goes out at once, alone.
+
+    Counters, for tests and benchmarks: ``statements`` (commit statements
+    sent), ``groups`` (of them, with more than one member), ``grouped``
+    (members sent in groups).
+    """
+
+    def __init__(self, db: PostgresDatabase, enabled: bool) -> None:
+        self.db = db
+        self.enabled = enabled
+        self._busy = False
+        self._queue: collections.deque[_Member] = collections.deque()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.statements = 0
+        self.groups = 0
+        self.grouped = 0
+
+    @property
+    def queued(self) -> int:
+        """Commits waiting for the statement in flight to finish."""
+        return len(self._queue)
+
+    async def commit(self, member: _Member) -> int:
+        """Commit ``member``; its version, or the error of a lone commit."""
+        if not self.enabled:
+            return self._unwrap((await self._send([member], member.conn))[0])
+        if not self._busy:
+            self._busy = True
+            try:
+                return self._unwrap((await self._send([member], member.conn))[0])
+            finally:
+                self._next()
+        member.result = asyncio.get_running_loop().create_future()
+        self._queue.append(member)
+        try:
+            return await member.result
+        except asyncio.CancelledError:
+            if member in self._queue:
+                self._queue.remove(member)  # never sent
+            elif member.task is not None and member.task is not asyncio.current_task():
+                await _outlive(member.task)  # a statement is using its connection
+            if member.result.done() and not member.result.cancelled():
+                member.result.exception()  # retrieved
+            raise
+
+    def _unwrap(self, outcome: int | StoreError) -> int:
+        if isinstance(outcome, StoreError):
+            raise outcome
+        return outcome
+
+    def _next(self) -> None:
+        """The statement in flight is done: send the queued commits."""
+        batch: list[_Member] = []
+        size = 0
+        queue = self._queue
+        while queue and len(batch) < _GROUP_MAX_MEMBERS:
+            if batch and size + queue[0].size > _GROUP_MAX_BYTES:
+                break
+            member = queue.popleft()
+            batch.append(member)
+            size += member.size
+        if not batch:
+            self._busy = False
+            return
+        task = asyncio.create_task(self._run(batch), name="dgen-postgres-group-commit")
+        batch[0].task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[_Member]) -> None:
+        # Members cancelled before anything was sent drop out; the first
+        # member's connection carries the statement (it waits for us even if
+        # cancelled).
+        members = [m for m in batch if m.result is not None and not m.result.done()]
+        try:
+            outcomes = await self._send(members, batch[0].conn) if members else []
+            for member, outcome in zip(members, outcomes, strict=True):
+                future = member.result
+                assert future is not None
+                if future.done():
+                    continue
+                if isinstance(outcome, StoreError):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+        finally:
+            for member in members:
+                if member.result is not None and not member.result.done():
+                    member.result.cancel()  # only if _send itself failed
+            self._next()
+
+    async def _send(
+        self, members: list[_Member], conn: psycopg.AsyncConnection[Any]
+    ) -> list[int | StoreError]:
+        """Send one commit statement for ``members``; each one's version or error."""
+        db = self.db
+        self.statements += 1
+        if len(members) > 1:
+            self.groups += 1
+            self.grouped += len(members)
+            params = self._group_params(members)
+            try:
+                cur = await conn.execute(db.sql.commit_group, params, prepare=True)
+                row = await cur.fetchone()
+            except psycopg.OperationalError as exc:
+                db.watches.unknown_commit()
+                errors: list[int | StoreError] = []
+                for _ in members:  # one exception object per waiting task
+                    error = _map_error(exc, db.url, committing=True)
+                    error.__cause__ = exc
+                    errors.append(error)
+                return errors
+            except psycopg.Error as exc:
+                # Not a conflict (those come back as NULL): maybe one member's
+                # fault, so each one alone, that it cannot fail the others.
+                log.debug("group commit failed, committing one by one: %s", _clean(exc, db.url))
+                current = asyncio.current_task()
+                outcomes: list[int | StoreError] = []
+                for member in members:
+                    if member.result is not None and member.result.done():
+                        outcomes.append(ConflictError("cancelled"))  # nobody waits for it
+                        continue
+                    if current is not None and member.result is not None:
+                        member.task = current  # we use its connection now
+                    outcomes += await self._send([member], member.conn)
+                return outcomes
+            assert row is not None
+            outcomes = []
+            for member, version in zip(members, row[0], strict=True):
+                if version is None:
+                    outcomes.append(
+                        ConflictError(
+                            "PostgreSQL: dgen: a key this transaction read was changed by another"
+                        )
+                    )
+                else:
+                    self._committed(member, int(version))
+                    outcomes.append(int(version))
+            return outcomes
+        member = members[0]
+        statement = db.sql.commit if db.watches.in_commit else db.sql.commit_only
+        try:
+            cur = await conn.execute(statement, member.params, prepare=True)
+            row = await cur.fetchone()
+        except psycopg.Error as exc:
+            lost = isinstance(exc, psycopg.OperationalError)
+            if lost:
+                db.watches.unknown_commit()
+            error = _map_error(exc, db.url, committing=lost)
+            error.__cause__ = exc
+            return [error]
+        assert row is not None
+        version = int(row[0])
+        self._committed(member, version)
+        return [version]
+
+    def _committed(self, member: _Member, version: int) -> None:
+        stamp = version.to_bytes(8, "big") + b"\x00\x00"
+        written = member.written + [k[:o] + stamp + k[o + 10 :] for k, o, _ in member.stamped]
+        self.db.watches.committed(version, written, member.cleared)
+
+    def _group_params(self, members: list[_Member]) -> dict[str, Any]:
+        params: dict[str, Any] = {"rv": [m.read_version for m in members]}
+        for key, count in (("rb", "nr"), ("cb", "nc"), ("ck", "nk"), ("sk", "ns"),
+                           ("ak", "na"), ("tk", "nt")):  # fmt: skip
+            counts = [len(m.raw[key]) for m in members]
+            params[count] = counts if any(counts) else None
+        for key in ("rb", "re", "cb", "ce", "ck", "sk", "sv", "ak", "ad", "tk", "to", "tv"):
+            params[key] = [x for m in members for x in m.raw[key]] or None
+        params.update(lw=LOG_WINDOW, pe=_PRUNE_EVERY, channel=None, hashes=None)
+        if self.db.watches.in_commit:
+            params["channel"] = self.db.watches.channel
+            params["hashes"] = [m.hashes for m in members]
+        return params
+
+    async def wait(self) -> None:
+        """Let the statements in flight finish (closing)."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5.0)
 
 
 # -- watches ------------------------------------------------------------------
@@ -901,6 +1254,7 @@ class PostgresDatabase(Database):
         pool_size: int,
         poll_interval: float,
         notify: str = "after",
+        group_commit: bool = True,
     ) -> None:
         self.url = url
         self.conninfo = conninfo
@@ -909,6 +1263,7 @@ class PostgresDatabase(Database):
         self.pool = pool
         self.pool_size = pool_size
         self.watches = _Watches(self, poll_interval, notify)
+        self.committer = _GroupCommit(self, group_commit)
         self.loop = asyncio.get_running_loop()
         self._releases: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -938,6 +1293,7 @@ class PostgresDatabase(Database):
         if self._closed:
             return
         self._closed = True
+        await self.committer.wait()
         await self.watches.stop()
         if self._releases:
             await asyncio.wait(self._releases, timeout=5.0)
@@ -947,9 +1303,9 @@ class PostgresDatabase(Database):
         return f"<PostgresDatabase {self.url}>"
 
 
-def _parse(url: URL) -> tuple[str, str, int, float, int, str]:
-    """conninfo, schema, pool size, poll interval, connect timeout and notify
-    mode from the URL."""
+def _parse(url: URL) -> tuple[str, str, int, float, int, str, bool]:
+    """conninfo, schema, pool size, poll interval, connect timeout, notify
+    mode and group commit from the URL."""
     options = url.check_options(OPTIONS)
 
     def number(name: str, default: str, kind: type[int] | type[float]) -> Any:
@@ -973,6 +1329,9 @@ def _parse(url: URL) -> tuple[str, str, int, float, int, str]:
         raise URLError(
             f"option notify={notify!r} in {url} must be one of {', '.join(_NOTIFY_MODES)}"
         )
+    group = options.get("group_commit", "on")
+    if group not in ("on", "off"):
+        raise URLError(f"option group_commit={group!r} in {url} must be on or off")
     sync = options.get("synchronous_commit", "on")
     if sync not in _SYNC_LEVELS:
         raise URLError(
@@ -1000,11 +1359,13 @@ def _parse(url: URL) -> tuple[str, str, int, float, int, str]:
     conninfo = psycopg.conninfo.make_conninfo(
         **{k: str(v) for k, v in params.items() if v is not None}
     )
-    return conninfo, schema, pool_size, poll, timeout, notify
+    return conninfo, schema, pool_size, poll, timeout, notify, group == "on"
 
 
-async def _prepare_schema(conn: psycopg.AsyncConnection[Any], q: _SQL, schema: str) -> None:
-    """Create the tables on first use, or check their version."""
+async def _prepare_schema(conn: psycopg.AsyncConnection[Any], q: _SQL, schema: str) -> bool:
+    """Create the tables on first use, or check their version; add
+    ``dgen_commit_group`` to a store made by an older DGen. False if it is
+    missing and this role may not create it (group commit then stays off)."""
     try:
         cur = await conn.execute(q.version)
         row = await cur.fetchone()
@@ -1028,11 +1389,31 @@ async def _prepare_schema(conn: psycopg.AsyncConnection[Any], q: _SQL, schema: s
             f"understands ({SCHEMA_VERSION}); upgrade DGen"
         )
     # Later versions migrate here, one step at a time, under the same lock.
+    cur = await conn.execute(q.has_group)
+    found = await cur.fetchone()
+    if found is not None and found[0] is not None:
+        return True
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"dgen:{schema}",))
+            cur = await conn.execute(q.has_group)
+            found = await cur.fetchone()
+            if found is None or found[0] is None:
+                await conn.execute(q.group_ddl)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        log.warning(
+            "group commit is off for schema %r: it has no dgen_commit_group and this role "
+            "may not create it (%s); open the store once as its owner",
+            schema,
+            str(exc).strip(),
+        )
+        return False
+    return True
 
 
 async def open_database(url: URL) -> PostgresDatabase:
     """Connect, create or check the schema, and open the pool."""
-    conninfo, schema, pool_size, poll, timeout, notify = _parse(url)
+    conninfo, schema, pool_size, poll, timeout, notify, group = _parse(url)
     q = _SQL(schema)
     try:
         conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
@@ -1040,7 +1421,7 @@ async def open_database(url: URL) -> PostgresDatabase:
         raise _map_error(exc, url) from None
     try:
         with _errors(url):
-            await _prepare_schema(conn, q, schema)
+            group = await _prepare_schema(conn, q, schema) and group
     finally:
         await conn.close()
     pool: psycopg_pool.AsyncConnectionPool[Any] = psycopg_pool.AsyncConnectionPool(
@@ -1058,6 +1439,6 @@ async def open_database(url: URL) -> PostgresDatabase:
     except BaseException:
         await pool.close()
         raise
-    db = PostgresDatabase(url, conninfo, schema, pool, pool_size, poll, notify)
+    db = PostgresDatabase(url, conninfo, schema, pool, pool_size, poll, notify, group)
     db.watches.start()
     return db

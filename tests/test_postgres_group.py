@@ -1,0 +1,436 @@
+"""Group commit in the PostgreSQL backend, against a real server.
+
+Groups are made to form deterministically, without timing: a second session
+holds a row lock that the commit statement in flight needs, so the commits
+that arrive meanwhile queue behind it (``db.committer.queued`` counts them)
+and go out as one ``dgen_commit_group`` statement when the lock is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from pgserver import Server, drop_schema, fresh_schema_url
+from psycopg import sql
+
+import dgen
+from dgen.backends import postgres
+from dgen.keys import Versionstamp, pack, pack_with_versionstamp, range_of
+from dgen.store import (
+    CommitUnknownError,
+    ConflictError,
+    StoreError,
+    Transaction,
+    decode_counter,
+    encode_counter,
+)
+from dgen.urls import URL, URLError
+
+pytestmark = pytest.mark.anyio
+
+WAIT = 30.0  # hang guard only
+
+
+@pytest.fixture
+def url(postgres_server: Server) -> Iterator[str]:
+    u = fresh_schema_url(postgres_server.url)
+    yield u
+    drop_schema(u)
+
+
+def _schema(url: str) -> str:
+    return postgres._parse(URL.parse(url))[1]
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    for _ in range(int(WAIT / 0.005)):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"timed out waiting until {what}")
+
+
+@contextlib.asynccontextmanager
+async def _row_locked(db: postgres.PostgresDatabase, key: bytes) -> AsyncIterator[None]:
+    """Hold a lock on ``key``'s row (which must exist) from another session:
+    a commit writing ``key`` waits for it while holding the clock lock."""
+    conn = await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True)
+    try:
+        await conn.execute("BEGIN")
+        q = sql.SQL("SELECT 1 FROM {}.dgen_kv WHERE key = %s FOR UPDATE").format(
+            sql.Identifier(db.schema)
+        )
+        cur = await conn.execute(q, (key,))
+        assert await cur.fetchone() is not None, f"{key!r} must exist to be locked"
+        yield
+    finally:
+        await conn.execute("ROLLBACK")
+        await conn.close()
+
+
+async def _backend_waiting(db: postgres.PostgresDatabase, statement: str) -> int:
+    """The pid of the backend running ``statement`` and waiting for a lock."""
+    async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
+        for _ in range(int(WAIT / 0.01)):
+            cur = await conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE %s AND pid <> pg_backend_pid()",
+                (f"%{statement}(%",),
+            )
+            row = await cur.fetchone()
+            if row is not None:
+                return int(row[0])
+            await asyncio.sleep(0.01)
+    raise AssertionError(f"no backend waits in {statement}")
+
+
+async def _terminate(db: postgres.PostgresDatabase, pid: int) -> None:
+    async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
+        await conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+def _set(key: bytes, value: bytes) -> Callable[[Transaction], Awaitable[None]]:
+    async def body(tr: Transaction) -> None:
+        tr.set(key, value)
+
+    return body
+
+
+async def _get(db: dgen.Database, key: bytes) -> bytes | None:
+    async def body(tr: Transaction) -> bytes | None:
+        return await tr.get(key)
+
+    return await db.run(body)
+
+
+class _Queue:
+    """Starts commits one at a time behind a blocked statement, in a known order."""
+
+    def __init__(self, db: postgres.PostgresDatabase) -> None:
+        self.db = db
+        self.tasks: list[asyncio.Task[Any]] = []
+        c = db.committer
+        self._start = (c.statements, c.groups, c.grouped)
+
+    def counts(self) -> tuple[int, int, int]:
+        """Statements, groups and grouped members since this was made."""
+        c = self.db.committer
+        s, g, m = self._start
+        return c.statements - s, c.groups - g, c.grouped - m
+
+    async def blocker(self, key: bytes) -> asyncio.Task[Any]:
+        """A commit writing ``key`` (locked): the statement in flight."""
+        before = self.db.committer.statements
+        task = asyncio.create_task(self.db.run(_set(key, b"blocker")))
+        await _until(lambda: self.db.committer.statements > before, "the blocker was sent")
+        return task
+
+    async def add(self, tr: Transaction) -> asyncio.Task[None]:
+        """Commit ``tr`` and wait until it queued."""
+        before = self.db.committer.queued
+        task = asyncio.create_task(tr.commit())
+        await _until(lambda: self.db.committer.queued > before, "the commit queued")
+        self.tasks.append(task)
+        return task
+
+
+# -- groups form, and commit correctly -------------------------------------------
+
+
+@pytest.mark.parametrize("notify", ["after", "commit"])
+async def test_commits_queued_behind_one_in_flight_go_out_as_one_group(
+    url: str, notify: str
+) -> None:
+    """Five commits queued behind a blocked one: one group statement, five
+    distinct versionstamps in queue order, all data applied, and watches in
+    another database object fire from the group's notifications (the poll is
+    too slow to be the cause)."""
+    async with (
+        dgen.connect(url + f"&notify={notify}") as db,
+        dgen.connect(url + "&watch_poll_interval=600") as other,
+    ):
+        assert isinstance(db, postgres.PostgresDatabase) and db.committer.enabled
+        await db.run(_set(b"lock", b"0"))
+
+        async def arm(tr: Transaction) -> dgen.Watch:
+            await tr.get(b"w3")
+            return tr.watch(b"w3")
+
+        watch = await other.run(arm)
+        q = _Queue(db)
+        stamps: list[asyncio.Future[bytes]] = []
+        async with _row_locked(db, b"lock"):
+            blocked = await q.blocker(b"lock")
+            for i in range(5):
+                tr = db.create_transaction()
+                tr.set(f"w{i}".encode(), b"v")
+                key, offset = pack_with_versionstamp(("q", Versionstamp(user_version=i)))
+                tr.set_versionstamped_key(key, offset, str(i).encode())
+                stamps.append(tr.get_versionstamp())
+                await q.add(tr)
+            assert q.counts()[0] == 1
+        await asyncio.wait_for(asyncio.gather(blocked, *q.tasks), WAIT)
+        assert q.counts() == (2, 1, 5)
+        values = [await s for s in stamps]
+        assert values == sorted(values) and len(set(values)) == 5
+        # One version each, consecutive: v, v+1, ... in commit (queue) order.
+        versions = [int.from_bytes(s[:8], "big") for s in values]
+        assert versions == list(range(versions[0], versions[0] + 5))
+
+        async def scan(tr: Transaction) -> list[tuple[bytes, bytes]]:
+            return await tr.get_range(*range_of(("q",)))
+
+        queued = await db.run(scan)
+        assert [v for _, v in queued] == [b"0", b"1", b"2", b"3", b"4"]
+        assert [k for k, _ in queued] == [
+            pack(("q", Versionstamp(s, i))) for i, s in enumerate(values)
+        ]
+        for i in range(5):
+            assert await _get(db, f"w{i}".encode()) == b"v"
+        await asyncio.wait_for(watch, WAIT)
+
+
+async def test_a_conflict_inside_a_group_fails_that_member_only(url: str) -> None:
+    """Two members of one group read and write the same key: the first
+    commits, the second gets ConflictError (it sees the first's log rows from
+    the same statement); an unrelated member behind them commits too."""
+    async with dgen.connect(url) as db:
+        assert isinstance(db, postgres.PostgresDatabase)
+        await db.run(_set(b"lock", b"0"))
+        await db.run(_set(b"n", encode_counter(0)))
+        q = _Queue(db)
+        members = []
+        for _ in range(2):
+            tr = db.create_transaction()
+            n = decode_counter(await tr.get(b"n"))
+            tr.set(b"n", encode_counter(n + 1))
+            members.append(tr)
+        other = db.create_transaction()
+        assert await other.get(b"elsewhere") is None
+        other.set(b"elsewhere", b"x")
+        async with _row_locked(db, b"lock"):
+            blocked = await q.blocker(b"lock")
+            first, second = [await q.add(tr) for tr in members]
+            third = await q.add(other)
+        await asyncio.wait_for(blocked, WAIT)
+        done = await asyncio.wait_for(
+            asyncio.gather(first, second, third, return_exceptions=True), WAIT
+        )
+        assert done[0] is None and done[2] is None, done
+        assert isinstance(done[1], ConflictError), done
+        assert q.counts() == (2, 1, 3)
+        assert decode_counter(await _get(db, b"n")) == 1
+        assert await _get(db, b"elsewhere") == b"x"
+
+
+async def test_a_member_that_read_a_range_an_earlier_member_cleared_conflicts(url: str) -> None:
+    async with dgen.connect(url) as db:
+        assert isinstance(db, postgres.PostgresDatabase)
+        await db.run(_set(b"lock", b"0"))
+        await db.run(_set(b"r/2", b"x"))
+        q = _Queue(db)
+        clearer = db.create_transaction()
+        clearer.clear_range(b"r/", b"r0")
+        reader = db.create_transaction()
+        assert len(await reader.get_range(b"r/", b"r0")) == 1
+        reader.set(b"seen", b"1")
+        async with _row_locked(db, b"lock"):
+            blocked = await q.blocker(b"lock")
+            t1 = await q.add(clearer)
+            t2 = await q.add(reader)
+        done = await asyncio.wait_for(asyncio.gather(blocked, t1, t2, return_exceptions=True), WAIT)
+        assert done[1] is None and isinstance(done[2], ConflictError), done
+        assert await _get(db, b"seen") is None and await _get(db, b"r/2") is None
+
+
+async def test_concurrent_increments_lose_nothing(url: str) -> None:
+    """Many tasks do read-modify-write increments, on two shared keys and one
+    key each, through db.run (which retries conflicts): nothing is lost."""
+    tasks, rounds = 24, 8
+    async with dgen.connect(url) as db:
+        assert isinstance(db, postgres.PostgresDatabase)
+
+        async def worker(i: int) -> None:
+            for r in range(rounds):
+                shared, own = f"shared{(i + r) % 2}".encode(), f"own{i}".encode()
+
+                async def body(tr: Transaction, shared: bytes = shared, own: bytes = own) -> None:
+                    a = decode_counter(await tr.get(shared))
+                    b = decode_counter(await tr.get(own))
+                    tr.set(shared, encode_counter(a + 1))
+                    tr.set(own, encode_counter(b + 1))
+
+                await db.run(body)
+
+        await asyncio.wait_for(asyncio.gather(*(worker(i) for i in range(tasks))), 100)
+        shared = [decode_counter(await _get(db, f"shared{j}".encode())) for j in range(2)]
+        assert sum(shared) == tasks * rounds and shared[0] == shared[1]
+        for i in range(tasks):
+            assert decode_counter(await _get(db, f"own{i}".encode())) == rounds
+        assert db.committer.statements <= tasks * rounds * 2  # sanity: counted
+
+
+# -- errors -------------------------------------------------------------------
+
+
+async def test_a_failing_member_is_retried_alone_and_fails_alone(url: str) -> None:
+    """A member whose write fails on the server (a trigger refuses its key)
+    fails the group statement; each member is then committed alone, so the
+    others commit and only it gets the error."""
+    async with dgen.connect(url) as db:
+        assert isinstance(db, postgres.PostgresDatabase)
+        await db.run(_set(b"lock", b"0"))
+        schema = sql.Identifier(db.schema)
+        async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
+            await conn.execute(
+                sql.SQL(
+                    "CREATE FUNCTION {s}.refuse() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                    "BEGIN IF NEW.key = '\\x706f69736f6e'::bytea THEN "  # b"poison"
+                    "RAISE EXCEPTION 'poisoned key'; END IF; RETURN NEW; END $$"
+                ).format(s=schema)
+            )
+            await conn.execute(
+                sql.SQL(
+                    "CREATE TRIGGER refuse BEFORE INSERT ON {s}.dgen_kv "
+                    "FOR EACH ROW EXECUTE FUNCTION {s}.refuse()"
+                ).format(s=schema)
+            )
+        q = _Queue(db)
+        trs = []
+        for key in (b"good1", b"poison", b"good2"):
+            tr = db.create_transaction()
+            tr.set(key, b"v")
+            trs.append(tr)
+        async with _row_locked(db, b"lock"):
+            blocked = await q.blocker(b"lock")
+            for tr in trs:
+                await q.add(tr)
+        done = await asyncio.wait_for(
+            asyncio.gather(blocked, *q.tasks, return_exceptions=True), WAIT
+        )
+        assert done[0] is None and done[1] is None and done[3] is None, done
+        error = done[2]
+        assert isinstance(error, StoreError) and "poisoned key" in str(error), done
+        assert not isinstance(error, ConflictError | CommitUnknownError)
+        # blocker, the group, then each of its three members alone
+        assert q.counts() == (5, 1, 3)
+        assert await _get(db, b"good1") == b"v" and await _get(db, b"good2") == b"v"
+        assert await _get(db, b"poison") is None
+
+
+async def test_a_lost_connection_gives_every_member_commit_unknown(url: str) -> None:
+    async with dgen.connect(url) as db:
+        assert isinstance(db, postgres.PostgresDatabase)
+        await db.run(_set(b"lock", b"0"))
+        await db.run(_set(b"lock2", b"0"))
+        q = _Queue(db)
+        async with _row_locked(db, b"lock2"):
+            async with _row_locked(db, b"lock"):
+                blocked = await q.blocker(b"lock")
+                for key in (b"a", b"b", b"c"):
+                    tr = db.create_transaction()
+                    tr.set(key, b"v")
+                    tr.set(b"lock2", key)  # the group then waits for lock2
+                    await q.add(tr)
+            await asyncio.wait_for(blocked, WAIT)
+            await _terminate(db, await _backend_waiting(db, "dgen_commit_group"))
+            done = await asyncio.wait_for(asyncio.gather(*q.tasks, return_exceptions=True), WAIT)
+        assert all(isinstance(d, CommitUnknownError) for d in done), done
+        assert q.counts() == (2, 1, 3)
+        # None was applied (the session died waiting); the store works on.
+        for key in (b"a", b"b", b"c"):
+            assert await _get(db, key) is None
+        await db.run(_set(b"after", b"1"))
+        assert await _get(db, b"after") == b"1"
+
+
+async def test_cancelled_members_do_not_break_their_group(url: str) -> None:
+    """A member cancelled while queued is never sent; the leader of a group
+    (its connection carries the statement) cancelled while the statement
+    waits on a lock keeps its connection until the statement ends; the
+    others get their results."""
+    async with dgen.connect(url) as db:
+        assert isinstance(db, postgres.PostgresDatabase)
+        await db.run(_set(b"lock", b"0"))
+        await db.run(_set(b"lock2", encode_counter(0)))
+        q = _Queue(db)
+        trs = []
+        for key in (b"lead", b"dropped", b"follow"):
+            tr = db.create_transaction()
+            tr.set(key, b"v")
+            tr.add(b"lock2", 1)  # the group waits for lock2
+            trs.append(tr)
+        async with _row_locked(db, b"lock2"):
+            async with _row_locked(db, b"lock"):
+                blocked = await q.blocker(b"lock")
+                lead, dropped, follow = [await q.add(tr) for tr in trs]
+                dropped.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await dropped
+                assert db.committer.queued == 2
+            await asyncio.wait_for(blocked, WAIT)
+            await _backend_waiting(db, "dgen_commit_group")
+            lead.cancel()
+            await asyncio.sleep(0.05)
+            assert not lead.done(), "the leader gave up its connection during the statement"
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(lead, WAIT)
+        await asyncio.wait_for(follow, WAIT)
+        assert q.counts() == (2, 1, 2)
+        assert await _get(db, b"dropped") is None
+        assert await _get(db, b"follow") == b"v"
+        assert await _get(db, b"lead") == b"v"  # it was sent: cancelled too late
+        assert decode_counter(await _get(db, b"lock2")) == 2
+        await db.run(_set(b"after", b"1"))
+
+
+# -- the option and the schema -------------------------------------------------
+
+
+async def test_group_commit_off_sends_every_commit_alone(url: str) -> None:
+    async with dgen.connect(url + "&group_commit=off") as db:
+        assert isinstance(db, postgres.PostgresDatabase) and not db.committer.enabled
+        await db.run(_set(b"lock", b"0"))
+        q = _Queue(db)
+        async with _row_locked(db, b"lock"):
+            tasks = [asyncio.create_task(db.run(_set(b"lock", b"%d" % i))) for i in range(4)]
+            await _until(lambda: q.counts()[0] == 4, "all four were sent")
+            assert db.committer.queued == 0
+        await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
+        assert q.counts() == (4, 0, 0)
+
+
+async def test_bad_group_commit_option_is_refused() -> None:
+    with pytest.raises(URLError, match=r"group_commit='maybe'.*on or off"):
+        await dgen.connect("postgresql://u@/db?group_commit=maybe")
+
+
+async def test_a_store_made_before_group_commit_gets_the_function(url: str) -> None:
+    """An older DGen's store has no dgen_commit_group: opening it adds it."""
+    async with dgen.connect(url) as db:
+        assert isinstance(db, postgres.PostgresDatabase)
+        await db.run(_set(b"k", b"v"))
+        async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
+            await conn.execute(
+                sql.SQL("DROP FUNCTION {}.{}").format(
+                    sql.Identifier(db.schema), sql.SQL(postgres._GROUP_SIGNATURE)
+                )
+            )
+    async with dgen.connect(url) as db:
+        assert isinstance(db, postgres.PostgresDatabase) and db.committer.enabled
+        await db.run(_set(b"lock", b"0"))
+        q = _Queue(db)
+        async with _row_locked(db, b"lock"):
+            blocked = await q.blocker(b"lock")
+            for key in (b"a", b"b"):
+                tr = db.create_transaction()
+                tr.set(key, b"v")
+                await q.add(tr)
+        await asyncio.wait_for(asyncio.gather(blocked, *q.tasks), WAIT)
+        assert q.counts() == (2, 1, 2)
+        assert await _get(db, b"a") == b"v" and await _get(db, b"k") == b"v"
