@@ -411,7 +411,8 @@ async def test_bad_group_commit_option_is_refused() -> None:
 
 
 async def test_a_store_made_before_group_commit_gets_the_function(url: str) -> None:
-    """An older DGen's store has no dgen_commit_group: opening it adds it."""
+    """An older DGen's store has no dgen_commit_group: opening it adds it;
+    an older version of it is replaced."""
     async with dgen.connect(url) as db:
         assert isinstance(db, postgres.PostgresDatabase)
         await db.run(_set(b"k", b"v"))
@@ -423,6 +424,20 @@ async def test_a_store_made_before_group_commit_gets_the_function(url: str) -> N
             )
     async with dgen.connect(url) as db:
         assert isinstance(db, postgres.PostgresDatabase) and db.committer.enabled
+        async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
+            cur = await conn.execute(db.sql.has_group)
+            assert await cur.fetchone() == (postgres._GROUP_VERSION,)
+            # An older body of the function (another comment) is replaced too.
+            await conn.execute(
+                sql.SQL("COMMENT ON FUNCTION {}.dgen_commit_group IS 'older'").format(
+                    sql.Identifier(db.schema)
+                )
+            )
+    async with dgen.connect(url) as db:
+        assert isinstance(db, postgres.PostgresDatabase) and db.committer.enabled
+        async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
+            cur = await conn.execute(db.sql.has_group)
+            assert await cur.fetchone() == (postgres._GROUP_VERSION,)
         await db.run(_set(b"lock", b"0"))
         q = _Queue(db)
         async with _row_locked(db, b"lock"):
@@ -434,3 +449,47 @@ async def test_a_store_made_before_group_commit_gets_the_function(url: str) -> N
         await asyncio.wait_for(asyncio.gather(blocked, *q.tasks), WAIT)
         assert q.counts() == (2, 1, 2)
         assert await _get(db, b"a") == b"v" and await _get(db, b"k") == b"v"
+
+
+async def test_a_role_that_may_not_create_the_function_commits_without_groups(
+    postgres_server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An application role without CREATE on an older store's schema: group
+    commit stays off, with a warning, and commits work as before."""
+    if postgres_server.cluster is None:
+        pytest.skip("needs a throwaway cluster to create roles")
+    owner_url = fresh_schema_url(postgres_server.cluster.url)
+    try:
+        async with dgen.connect(owner_url) as db:
+            assert isinstance(db, postgres.PostgresDatabase)
+            await db.run(_set(b"seed", b"1"))
+            schema = sql.Identifier(db.schema)
+            async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
+                await conn.execute(
+                    sql.SQL("DROP FUNCTION {}.{}").format(
+                        schema, sql.SQL(postgres._GROUP_SIGNATURE)
+                    )
+                )
+                await conn.execute(
+                    "DO $$ BEGIN CREATE ROLE dgen_app LOGIN; "
+                    "EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+                )
+                await conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO dgen_app").format(schema))
+                await conn.execute(
+                    sql.SQL(
+                        "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {} "
+                        "TO dgen_app"
+                    ).format(schema)
+                )
+        app_url = owner_url.replace("postgresql://postgres@", "postgresql://dgen_app@", 1)
+        assert app_url != owner_url
+        with caplog.at_level("WARNING", logger="dgen.backends.postgres"):
+            async with dgen.connect(app_url) as db:
+                assert isinstance(db, postgres.PostgresDatabase)
+                assert not db.committer.enabled
+                await asyncio.gather(*(db.run(_set(b"k%d" % i, b"v")) for i in range(8)))
+                assert await _get(db, b"k7") == b"v"
+                assert db.committer.groups == 0
+        assert "open the store once as its owner" in caplog.text
+    finally:
+        drop_schema(owner_url)

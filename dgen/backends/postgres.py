@@ -312,21 +312,31 @@ BEGIN
             m_ak := ak[o_a + 1 : o_a + c_a]; m_ad := ad[o_a + 1 : o_a + c_a];
             m_tk := tk[o_t + 1 : o_t + c_t]; m_to := toff[o_t + 1 : o_t + c_t];
             m_tv := tv[o_t + 1 : o_t + c_t];
-            DELETE FROM {s}.dgen_kv AS kv USING unnest(m_cb, m_ce) AS r(b, e)
-                WHERE kv.key >= r.b AND kv.key < r.e;
-            DELETE FROM {s}.dgen_kv WHERE key = ANY(m_ck);
-            INSERT INTO {s}.dgen_kv SELECT * FROM unnest(m_sk, m_sv)
-                ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
+            -- Statements with nothing to do are skipped: each costs an
+            -- executor start per member.
+            IF c_c > 0 THEN
+                DELETE FROM {s}.dgen_kv AS kv USING unnest(m_cb, m_ce) AS r(b, e)
+                    WHERE kv.key >= r.b AND kv.key < r.e;
+            END IF;
+            IF c_k > 0 THEN
+                DELETE FROM {s}.dgen_kv WHERE key = ANY(m_ck);
+            END IF;
+            IF c_s > 0 THEN
+                INSERT INTO {s}.dgen_kv SELECT * FROM unnest(m_sk, m_sv)
+                    ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
+            END IF;
             FOR j IN 1 .. c_a LOOP
                 INSERT INTO {s}.dgen_kv VALUES (m_ak[j], {s}.dgen_add(NULL, m_ad[j]))
                     ON CONFLICT (key) DO UPDATE
                     SET value = {s}.dgen_add({s}.dgen_kv.value, m_ad[j]);
             END LOOP;
             stamp := int8send(v) || '\\x0000'::bytea;
-            INSERT INTO {s}.dgen_kv
-                SELECT overlay(k PLACING stamp FROM o + 1 FOR 10), val
-                FROM unnest(m_tk, m_to, m_tv) AS t(k, o, val)
-                ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
+            IF c_t > 0 THEN
+                INSERT INTO {s}.dgen_kv
+                    SELECT overlay(k PLACING stamp FROM o + 1 FOR 10), val
+                    FROM unnest(m_tk, m_to, m_tv) AS t(k, o, val)
+                    ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
+            END IF;
             INSERT INTO {s}.dgen_log
                 SELECT v, b, e FROM unnest(m_cb, m_ce) AS r(b, e)
                 UNION ALL
@@ -358,7 +368,9 @@ BEGIN
     END IF;
     RETURN result;
 END $$;
+COMMENT ON FUNCTION {s}.dgen_commit_group IS 'dgen group commit 1';
 """
+_GROUP_VERSION = "dgen group commit 1"  # the COMMENT above: a changed body bumps it
 
 LOG_WINDOW = 100_000
 """Commits the conflict log remembers. A transaction that stays open while
@@ -377,8 +389,11 @@ class _SQL:
 
         self.ddl = q(_DDL + _GROUP_DDL)
         self.group_ddl = q(_GROUP_DDL)
+        # The group function's version (its comment); NULL if it is missing.
         self.has_group = q(
-            "SELECT to_regprocedure(quote_ident({sl}) || '." + _GROUP_SIGNATURE + "')"
+            "SELECT obj_description(to_regprocedure(quote_ident({sl}) || '."
+            + _GROUP_SIGNATURE
+            + "'), 'pg_proc')"
         )
         self.version = q("SELECT value FROM {s}.dgen_meta WHERE name = 'schema_version'")
         self.clock = q("SELECT version FROM {s}.dgen_clock WHERE id = 1")
@@ -1391,16 +1406,19 @@ async def _prepare_schema(conn: psycopg.AsyncConnection[Any], q: _SQL, schema: s
     # Later versions migrate here, one step at a time, under the same lock.
     cur = await conn.execute(q.has_group)
     found = await cur.fetchone()
-    if found is not None and found[0] is not None:
+    old = found[0] if found is not None else None
+    if old == _GROUP_VERSION:
         return True
     try:
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"dgen:{schema}",))
             cur = await conn.execute(q.has_group)
             found = await cur.fetchone()
-            if found is None or found[0] is None:
+            if found is None or found[0] != _GROUP_VERSION:
                 await conn.execute(q.group_ddl)
     except psycopg.errors.InsufficientPrivilege as exc:
+        if old is not None:
+            return True  # an older body of the same function: still correct
         log.warning(
             "group commit is off for schema %r: it has no dgen_commit_group and this role "
             "may not create it (%s); open the store once as its owner",
