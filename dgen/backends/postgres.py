@@ -11,6 +11,11 @@ and aborts transactions FoundationDB commits (docs/postgres.md):
   raises SQLSTATE 40001 if ``dgen_log`` holds a write newer than the snapshot
   inside a read range, applies the writes and logs their ranges;
 * the counter is the commit stamp: ordered-commit keys follow commit order;
+* group commit: commits that arrive while another of the same database
+  object is in flight queue and go out together as one ``dgen_commit_group``
+  statement (one round trip, one clock lock, one WAL flush); each member gets
+  its own version and is validated against the log including the earlier
+  members' rows; a conflicted member gets NULL and writes nothing;
 * watches: every commit is announced with its version and key hashes, by
   default in one coalesced ``pg_notify`` per batch after commit (``notify=
   commit``: inside the commit statement, which takes PostgreSQL's
