@@ -9,9 +9,12 @@ counter is incremented in the same SQLite transaction, so the counter is a
 commit-ordered stamp: one writer at a time means stamp order is commit order
 and visibility order.
 
-Watches: a thread per database polls ``PRAGMA data_version``, which changes
+Watches: a thread per database checks ``PRAGMA data_version``, which changes
 when any other connection (this process or another) commits, and then
-re-reads the watched keys. Local commits wake it at once.
+re-reads the watched keys. Commits of other processes wake it through Unix
+datagram sockets in ``<file>-dgenwake/`` (a hint); it also polls while
+watches exist, which is what correctness rests on. Local commits fire their
+watches directly.
 
 Each connection lives on its own thread, and a whole commit is one hop to
 that thread; see docs/sqlite.md for why we do not use aiosqlite.
@@ -867,7 +870,9 @@ async def open_database(url: URL) -> SQLiteDatabase:
     ``pool_size`` connections per database (8), ``commit``: ``thread``
     (default) runs a syncing commit on the connection's thread; ``inline``
     runs it on the event loop, which saves a thread hop per commit but
-    stalls the loop for the fsync (docs/sqlite.md).
+    stalls the loop for the fsync (docs/sqlite.md); ``wake``: ``socket``
+    (default) lets commits wake other processes' watchers at once through
+    Unix sockets beside the file, ``off`` leaves them to the poll.
     """
     options = url.check_options(_OPTIONS)
     synchronous = options.get("synchronous", "full").lower()
