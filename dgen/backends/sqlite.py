@@ -381,6 +381,8 @@ class _WakeChannel:
         self._sender: socket.socket | None = None
         self._peers: list[str] = []
         self._peers_fd: int | None = None  # keeps the /proc/self/fd prefix of _peers valid
+        self._fd_lock = threading.Lock()  # each descriptor is closed once, by its owner
+        self._closed = False
         self._refresh_at = 0.0
 
     def _open(self) -> tuple[str, int | None]:
@@ -467,19 +469,21 @@ class _WakeChannel:
 
     def notify(self) -> None:
         """Wake every other watcher of this file; called after each writing
-        commit (one at a time), so it must be cheap and never block or raise."""
+        commit (one at a time), so it must be cheap and never block or raise:
+        the commit is durable already."""
+        with contextlib.suppress(OSError):  # e.g. closed meanwhile by aclose
+            self._notify()
+
+    def _notify(self) -> None:
         now = time.monotonic()
         if now >= self._refresh_at:
             self._refresh(now)
         if not self._peers:
             return
-        try:
-            if self._sender is None:
-                self._sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                self._sender.setblocking(False)
-            sender = self._sender
-        except OSError:
-            return
+        if self._sender is None:
+            self._sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._sender.setblocking(False)
+        sender = self._sender
         failed = []
         for address in self._peers:
             try:
@@ -508,7 +512,12 @@ class _WakeChannel:
                 peers = [f"{prefix}/{n}" for n in names]
         except OSError:
             pass
-        old, self._peers_fd, self._peers = self._peers_fd, fd, peers
+        with self._fd_lock:
+            if self._closed:
+                old, peers = fd, []
+            else:
+                old, self._peers_fd = self._peers_fd, fd
+        self._peers = peers
         if old is not None:
             os.close(old)
 
@@ -517,9 +526,11 @@ class _WakeChannel:
         if self._sender is not None:
             self._sender.close()
             self._sender = None
-        if self._peers_fd is not None:
-            os.close(self._peers_fd)
-        self._peers, self._peers_fd = [], None
+        with self._fd_lock:
+            fd, self._peers_fd, self._closed = self._peers_fd, None, True
+        self._peers = []
+        if fd is not None:
+            os.close(fd)
 
 
 def _wake_mode(db_mode: int) -> int:
