@@ -359,6 +359,38 @@ async def test_a_lost_connection_gives_every_member_commit_unknown(url: str) -> 
         assert await _get(db, b"after") == b"1"
 
 
+async def test_a_connection_that_died_while_queued_does_not_carry_the_group(url: str) -> None:
+    """The first queued member's session is terminated while it waits (a
+    server restart would do the same): nothing was sent on it, so the group
+    goes out on the next member's connection and every member commits,
+    instead of all getting CommitUnknownError."""
+    async with dgen.connect(url) as db:
+        assert isinstance(db, postgres.PostgresDatabase)
+        await db.run(_set(b"lock", b"0"))
+        q = _Queue(db)
+        trs = []
+        for key in (b"a", b"b"):
+            tr = db.create_transaction()
+            tr.set(key, b"v")
+            trs.append(tr)
+        async with _row_locked(db, b"lock"):
+            blocked = await q.blocker(b"lock")
+            for tr in trs:
+                await q.add(tr)
+            first = trs[0]
+            assert isinstance(first, postgres.PostgresTransaction) and first._conn is not None
+            pid = first._conn.info.backend_pid
+            async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
+                await conn.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,))
+            await _until(lambda: not postgres._looks_alive(first._conn), "the session died")
+        done = await asyncio.wait_for(
+            asyncio.gather(blocked, *q.tasks, return_exceptions=True), WAIT
+        )
+        assert done == [None, None, None], done
+        assert q.counts() == (2, 1, 2)
+        assert await _get(db, b"a") == b"v" and await _get(db, b"b") == b"v"
+
+
 async def test_cancelled_members_do_not_break_their_group(url: str) -> None:
     """A member cancelled while queued is never sent; the leader of a group
     (its connection carries the statement) cancelled while the statement

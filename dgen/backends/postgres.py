@@ -814,8 +814,26 @@ class _GroupCommit:
         # member's connection carries the statement (it waits for us even if
         # cancelled).
         members = [m for m in batch if m.result is not None and not m.result.done()]
+        carrier: _Member | None = batch[0]
+        if members and not _looks_alive(batch[0].conn):
+            # Its connection died while it queued (a server restart) and has
+            # sent nothing: carry the statement on another member's, so that
+            # a lost connection means CommitUnknownError only when it was lost
+            # with the statement on it.
+            carrier = next((m for m in members if _looks_alive(m.conn)), None)
+            if carrier is not None:
+                carrier.task = asyncio.current_task()  # it waits for us now
         try:
-            outcomes = await self._send(members, batch[0].conn) if members else []
+            if carrier is None:
+                outcomes: list[int | StoreError] = [
+                    ConflictError(
+                        f"lost the connection to {self.db.url.render(hide_password=True)} "
+                        "before commit; nothing was applied and a new transaction may retry"
+                    )
+                    for _ in members
+                ]
+            else:
+                outcomes = await self._send(members, carrier.conn) if members else []
             for member, outcome in zip(members, outcomes, strict=True):
                 future = member.result
                 assert future is not None
