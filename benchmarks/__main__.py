@@ -87,10 +87,13 @@ def prepared(spec: str, run_id: str) -> Iterator[tuple[Target, dict[str, Any]]]:
                 {"directory": str(fresh.parent.resolve())},
             )
         finally:
-            for p in fresh.parent.glob(f"{fresh.name}*"):
-                p.unlink(missing_ok=True)
-            for p in fresh.parent.glob(f"{base.stem}-raw-{run_id}*"):
-                p.unlink(missing_ok=True)
+            # the database, its -wal/-shm files and its -dgenwake socket directory
+            for pattern in (f"{fresh.name}*", f"{base.stem}-raw-{run_id}*"):
+                for p in fresh.parent.glob(pattern):
+                    if p.is_dir():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
         return

@@ -16,8 +16,6 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-PG_DGEN_OPTIONS = ("schema", "pool_size", "watch_poll_interval", "synchronous_commit")
-
 
 def _threads(writers: int, count: int, open_writer: Callable[[], Callable[[int], None]]) -> float:
     """Rate of ``count`` writes split over ``writers`` threads (after they connect)."""

@@ -13,7 +13,15 @@ from typing import Any
 
 from benchmarks.common import REPO, with_database, without_query
 
-DGEN_OPTIONS = ("schema", "pool_size", "watch_poll_interval", "synchronous_commit", "notify")
+# DGen's own URL options; the rest of the backend's OPTIONS are libpq's and stay.
+DGEN_OPTIONS = (
+    "group_commit",
+    "notify",
+    "pool_size",
+    "schema",
+    "synchronous_commit",
+    "watch_poll_interval",
+)
 
 
 def start_throwaway() -> Any:
