@@ -244,7 +244,6 @@ class SQLiteTransaction(BufferedTransaction):
         read_version, reads = self._read_version, self._reads
         path = self._db.path
         wake = self._db._wake
-        watched_before = self._db._watch_generation
 
         def commit(sql: sqlite3.Connection, may_wait: bool) -> tuple[bytes, dict[bytes, Any]]:
             if sql.in_transaction:
@@ -311,10 +310,10 @@ class SQLiteTransaction(BufferedTransaction):
             else:
                 stamp, changed = await conn.run(lambda sql: commit(sql, True))
         # This process's watches on keys this commit wrote fire now, without the
-        # watcher thread's hop; it still finds other processes' commits.
+        # watcher thread's hop; it still finds other processes' commits. A watch
+        # armed after the commit looked at the watched keys needs nothing more:
+        # arming it poked the watcher, which reads its key after this COMMIT.
         self._db._deliver_local(changed)
-        if self._db._watch_generation != watched_before:
-            self._db._poke_watcher()  # a watch armed meanwhile may have missed it
         return stamp
 
     def _register_watch(self, watch: Watch, baseline: object) -> None:
@@ -334,6 +333,11 @@ class SQLiteTransaction(BufferedTransaction):
             self._db._give_back(conn, broken=True)
         else:
             self._db._give_back(conn)
+
+
+# The watcher's IN lists come in these sizes (padded by repeating a key), so
+# its connection caches a few prepared statements, not one per count.
+_IN_SIZES = (1, 8, 64, 500)
 
 
 def _new_values(
@@ -557,6 +561,17 @@ def _drain(sock: socket.socket | None) -> bool:
     return got
 
 
+def _read_keys(sql: sqlite3.Connection, keys: list[bytes]) -> dict[bytes, bytes | None]:
+    values: dict[bytes, bytes | None] = dict.fromkeys(keys)
+    for i in range(0, len(keys), _IN_SIZES[-1]):
+        chunk = keys[i : i + _IN_SIZES[-1]]
+        size = next(n for n in _IN_SIZES if n >= len(chunk))
+        chunk += chunk[-1:] * (size - len(chunk))
+        query = f"SELECT key, value FROM dgen_kv WHERE key IN ({','.join('?' * size)})"
+        values.update(sql.execute(query, chunk).fetchall())
+    return values
+
+
 class _Watcher(threading.Thread):
     """Checks ``PRAGMA data_version`` and reports watched keys' values.
 
@@ -608,14 +623,16 @@ class _Watcher(threading.Thread):
                         )
                     version = sql.execute("PRAGMA data_version").fetchone()[0]
                     if forced or version != seen:
+                        generation, fresh = db._take_fresh()
+                        # (fresh too: a counted watch may not be in _watched_keys yet)
+                        if version != seen:
+                            keys = list(fresh.union(db._watched_keys))  # all of them
+                        else:
+                            # Only watches armed since the last read: nothing else
+                            # changed meanwhile (data_version counts every commit).
+                            keys = list(fresh)
                         seen = version
-                        generation, keys = db._watch_generation, list(db._watched_keys)
-                        values: dict[bytes, bytes | None] = dict.fromkeys(keys)
-                        for i in range(0, len(keys), 500):
-                            chunk = keys[i : i + 500]
-                            marks = ",".join("?" * len(chunk))
-                            query = f"SELECT key, value FROM dgen_kv WHERE key IN ({marks})"
-                            values.update(sql.execute(query, chunk).fetchall())
+                        values = _read_keys(sql, keys)
                         self.loop.call_soon_threadsafe(db._deliver, generation, values)
                 except sqlite3.Error:
                     # Transient (busy, file replaced): reconnect and treat as changed.
@@ -666,6 +683,10 @@ class SQLiteDatabase(Database):
         self._watches: dict[bytes, list[tuple[Watch, object, int]]] = {}
         self._watched_keys: frozenset[bytes] = frozenset()
         self._watch_generation = 0
+        # Keys of watches armed since the watcher last took them (and the
+        # generation then), shared with the watcher thread under the lock.
+        self._fresh: set[bytes] = set()
+        self._fresh_lock = threading.Lock()
         self._watcher: _Watcher | None = None
         # Unix only: the wake-up sockets live in the file system.
         self._wake = _WakeChannel(path) if wake == "socket" and os.name == "posix" else None
@@ -713,13 +734,23 @@ class SQLiteDatabase(Database):
     # -- watches -----------------------------------------------------------
 
     def _add_watch(self, watch: Watch, baseline: object) -> None:
-        self._watch_generation += 1
+        with self._fresh_lock:
+            self._watch_generation += 1
+            self._fresh.add(watch.key)
         self._watches.setdefault(watch.key, []).append((watch, baseline, self._watch_generation))
         self._watched_keys = frozenset(self._watches)
         if self._watcher is None or not self._watcher.is_alive():
             self._watcher = _Watcher(self, asyncio.get_running_loop(), self._wake)
             self._watcher.start()
         self._poke_watcher()
+
+    def _take_fresh(self) -> tuple[int, set[bytes]]:
+        """(watcher thread) The current watch generation and the keys armed
+        since the last call: a watch armed later has a higher generation and
+        its key lands in the next set."""
+        with self._fresh_lock:
+            fresh, self._fresh = self._fresh, set()
+            return self._watch_generation, fresh
 
     def _poke_watcher(self) -> None:
         if self._watcher is not None and self._watches:
