@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dgen.backends.base import ADD, BufferedTransaction
+from dgen.backends.base import ADD, BufferedTransaction, WriteBuffer
 from dgen.store import (
     Capabilities,
     CommitUnknownError,
@@ -237,84 +237,25 @@ class SQLiteTransaction(BufferedTransaction):
         # also takes its read version lazily).
         for begin, end in self._unread:
             await self._query(("range", begin, end, 0, False))
-        conn = self._conn
-        if conn is None:
-            conn = self._conn = await self._db._acquire()
-            self._finalizer = weakref.finalize(self, self._db._reclaim, conn)
-        read_version, reads = self._read_version, self._reads
-        path = self._db.path
-        wake = self._db._wake
-
-        def commit(sql: sqlite3.Connection, may_wait: bool) -> tuple[bytes, dict[bytes, Any]]:
-            if sql.in_transaction:
-                sql.execute("ROLLBACK")
+        db = self._db
+        member = _Member(buf, self._read_version, self._reads, asyncio.get_running_loop())
+        if db.inline_commits and db._committer is None and db._writer is not None:
+            # Nothing queued: commit right here on the event loop, no task.
             try:
-                sql.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                if not may_wait and getattr(exc, "sqlite_errorcode", None) in _BUSY:
-                    raise _Busy from None
-                raise _map_error(exc, path) from None
-            try:
-                version = int(sql.execute(_VERSION).fetchone()[0])
-                if read_version is not None and version != read_version:
-                    for args, result in reads:
-                        if _execute_read(sql, args) != result:
-                            raise ConflictError(
-                                "a key read by this transaction was changed by another"
-                            )
-                version += 1
-                stamp = version.to_bytes(8, "big") + b"\x00\x00"
-                for begin, end in buf.cleared:
-                    sql.execute("DELETE FROM dgen_kv WHERE key >= ? AND key < ?", (begin, end))
-                puts: list[tuple[bytes, bytes]] = []
-                deletes: list[tuple[bytes]] = []
-                for key, op in buf.points.items():
-                    if op.kind == ADD:
-                        row = sql.execute(_GET, (key,)).fetchone()
-                        base = decode_counter(row[0] if row else None)
-                        puts.append((key, encode_counter(base + op.delta)))
-                        continue
-                    value = op.apply(None)
-                    if value is None:
-                        deletes.append((key,))
-                    else:
-                        puts.append((key, value))
-                for key, offset, value in buf.stamped:
-                    puts.append((key[:offset] + stamp + key[offset + 10 :], value))
-                sql.executemany("DELETE FROM dgen_kv WHERE key = ?", deletes)
-                sql.executemany("INSERT OR REPLACE INTO dgen_kv (key, value) VALUES (?, ?)", puts)
-                sql.execute(
-                    "UPDATE dgen_meta SET value = ? WHERE name = 'commit_version'", (version,)
-                )
-            except BaseException as exc:
-                sql.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
-                    raise _map_error(exc, path) from None
-                raise
-            try:
-                sql.execute("COMMIT")
-            except sqlite3.Error as exc:
-                if sql.in_transaction:
-                    sql.execute("ROLLBACK")
-                raise _map_error(exc, path, committing=True) from None
-            if wake is not None:
-                wake.notify()  # from here: no hop back to the loop before other processes look
-            return stamp, _new_values(self._db._watched_keys, buf.cleared, deletes, puts)
-
-        async with self._db._write_lock:
-            if self._db.inline_commits:
-                try:
-                    stamp, changed = commit(conn.open(), False)
-                except _Busy:
-                    stamp, changed = await conn.run(lambda sql: commit(sql, True))
+                outcomes, changed = db._write_group(db._writer.open(), [member], False)
+            except _Busy:
+                pass  # another process writes: the committer waits on the thread
             else:
-                stamp, changed = await conn.run(lambda sql: commit(sql, True))
-        # This process's watches on keys this commit wrote fire now, without the
-        # watcher thread's hop; it still finds other processes' commits. A watch
-        # armed after the commit looked at the watched keys needs nothing more:
-        # arming it poked the watcher, which reads its key after this COMMIT.
-        self._db._deliver_local(changed)
-        return stamp
+                db._finish([member], outcomes, changed)
+                return member.outcome.result()
+        db._pending.append(member)
+        if db._committer is None:
+            db._committer = asyncio.ensure_future(db._drain())
+        try:
+            return await asyncio.shield(member.outcome)
+        except asyncio.CancelledError:
+            member.abandon(db._pending)
+            raise
 
     def _register_watch(self, watch: Watch, baseline: object) -> None:
         self._db._add_watch(watch, baseline)
@@ -333,6 +274,76 @@ class SQLiteTransaction(BufferedTransaction):
             self._db._give_back(conn, broken=True)
         else:
             self._db._give_back(conn)
+
+
+class _Member:
+    """A transaction's writes waiting to be committed, and their outcome."""
+
+    __slots__ = ("buf", "outcome", "read_version", "reads")
+
+    def __init__(
+        self,
+        buf: WriteBuffer,
+        read_version: int | None,
+        reads: list[tuple[tuple[Any, ...], Any]],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.buf = buf
+        self.read_version = read_version
+        self.reads = reads
+        self.outcome: asyncio.Future[bytes] = loop.create_future()
+
+    def conflicts(self, sql: sqlite3.Connection, version: int) -> bool:
+        """Whether a read replayed now (at commit version ``version``) differs."""
+        if self.read_version is None or version == self.read_version:
+            return False
+        return any(_execute_read(sql, args) != result for args, result in self.reads)
+
+    def fail(self, exc: BaseException) -> None:
+        if self.outcome.done():
+            return
+        if isinstance(exc, asyncio.CancelledError):
+            self.outcome.cancel()
+        else:
+            self.outcome.set_exception(exc)
+
+    def abandon(self, pending: list[_Member]) -> None:
+        """Its transaction was cancelled: commit it no more if not yet taken
+        (otherwise its group's outcome is left unread, on purpose)."""
+        if self in pending:
+            pending.remove(self)
+        self.outcome.add_done_callback(_retrieve)
+
+
+def _retrieve(future: asyncio.Future[bytes]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _write(
+    sql: sqlite3.Connection, buf: WriteBuffer, stamp: bytes, watched: frozenset[bytes]
+) -> dict[bytes, bytes | None]:
+    """Apply ``buf`` (clears first) with ``stamp``; the watched keys' new values."""
+    for begin, end in buf.cleared:
+        sql.execute("DELETE FROM dgen_kv WHERE key >= ? AND key < ?", (begin, end))
+    puts: list[tuple[bytes, bytes]] = []
+    deletes: list[tuple[bytes]] = []
+    for key, op in buf.points.items():
+        if op.kind == ADD:
+            row = sql.execute(_GET, (key,)).fetchone()
+            base = decode_counter(row[0] if row else None)
+            puts.append((key, encode_counter(base + op.delta)))
+            continue
+        value = op.apply(None)
+        if value is None:
+            deletes.append((key,))
+        else:
+            puts.append((key, value))
+    for key, offset, value in buf.stamped:
+        puts.append((key[:offset] + stamp + key[offset + 10 :], value))
+    sql.executemany("DELETE FROM dgen_kv WHERE key = ?", deletes)
+    sql.executemany("INSERT OR REPLACE INTO dgen_kv (key, value) VALUES (?, ?)", puts)
+    return _new_values(watched, buf.cleared, deletes, puts)
 
 
 # The watcher's IN lists come in these sizes (padded by repeating a key), so
@@ -680,6 +691,15 @@ class SQLiteDatabase(Database):
         self._idle: list[_Connection] = []
         self._pool_slots = asyncio.Semaphore(pool_size)
         self._write_lock = asyncio.Lock()
+        # Commits waiting for the committer task, which writes them as one group
+        # on its own connection (outside the pool: queued members hold slots).
+        self._pending: list[_Member] = []
+        self._committer: asyncio.Future[None] | None = None
+        self._writer: _Connection | None = None
+        self.commit_groups = 0
+        """Group commits so far: SQLite transactions that carried 2 or more."""
+        self.grouped_commits = 0
+        """Transactions committed in those groups."""
         self._watches: dict[bytes, list[tuple[Watch, object, int]]] = {}
         self._watched_keys: frozenset[bytes] = frozenset()
         self._watch_generation = 0
@@ -704,12 +724,18 @@ class SQLiteDatabase(Database):
         await self._pool_slots.acquire()
         if self._idle:
             return self._idle.pop()
+        try:
+            return await self._open_connection()
+        except BaseException:
+            self._pool_slots.release()
+            raise
+
+    async def _open_connection(self) -> _Connection:
         conn = _Connection(self.path, self.synchronous, self.busy_timeout)
         try:
             await conn.run(lambda sql: None)  # open it on its thread
         except BaseException as exc:
             conn.close()
-            self._pool_slots.release()
             if isinstance(exc, sqlite3.Error):
                 raise _map_error(exc, self.path) from None
             raise
@@ -730,6 +756,130 @@ class SQLiteDatabase(Database):
             self._give_back(conn)
         except Exception:
             self._give_back(conn, broken=True)
+
+    # -- commits -----------------------------------------------------------
+
+    async def _drain(self) -> None:
+        """The committer task: commit what queued, group by group, until nothing is left."""
+        try:
+            while self._pending:
+                group, self._pending = self._pending, []
+                await self._commit_group(group)
+        finally:
+            self._committer = None
+
+    async def _commit_group(self, group: list[_Member]) -> None:
+        """Commit the transactions that queued while the previous commit ran,
+        in one SQLite transaction and one fsync, in order.
+
+        Each is validated against the data as the members before it left it
+        and gets its own commit version, so the order and the conflicts are
+        those of committing them one after another; a member that conflicts
+        gets its ConflictError and the others commit.
+        """
+        try:
+            if self._writer is None:
+                self._writer = await self._open_connection()
+            writer = self._writer
+            if self.inline_commits:
+                try:
+                    outcomes, changed = self._write_group(writer.open(), group, False)
+                except _Busy:
+                    outcomes, changed = await writer.run(
+                        lambda sql: self._write_group(sql, group, True)
+                    )
+            else:
+                outcomes, changed = await writer.run(
+                    lambda sql: self._write_group(sql, group, True)
+                )
+        except BaseException as exc:  # the members get it (this is a task of its own)
+            for m in group:
+                m.fail(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        self._finish(group, outcomes, changed)
+
+    def _finish(
+        self,
+        group: list[_Member],
+        outcomes: list[bytes | BaseException],
+        changed: dict[bytes, bytes | None],
+    ) -> None:
+        if len(group) > 1:
+            self.commit_groups += 1
+            self.grouped_commits += len(group)
+        for m, outcome in zip(group, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                m.fail(outcome)
+            elif not m.outcome.done():
+                m.outcome.set_result(outcome)
+        # Then this process's watches on keys these commits wrote fire, without
+        # the watcher thread's hop (after the members: they resume first). A
+        # watch armed after the commit looked at the watched keys needs nothing
+        # more: arming it poked the watcher, which reads its key after COMMIT.
+        self._deliver_local(changed)
+
+    def _write_group(
+        self, sql: sqlite3.Connection, group: list[_Member], may_wait: bool
+    ) -> tuple[list[bytes | BaseException], dict[bytes, bytes | None]]:
+        """(connection's thread, or inline) Write ``group`` in one transaction."""
+        if sql.in_transaction:
+            sql.execute("ROLLBACK")
+        try:
+            sql.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            if not may_wait and getattr(exc, "sqlite_errorcode", None) in _BUSY:
+                raise _Busy from None
+            raise _map_error(exc, self.path) from None
+        outcomes: list[bytes | BaseException] = []
+        changed: dict[bytes, bytes | None] = {}
+        try:
+            version = int(sql.execute(_VERSION).fetchone()[0])
+            for m in group:
+                if m.conflicts(sql, version):
+                    outcomes.append(
+                        ConflictError("a key read by this transaction was changed by another")
+                    )
+                    continue
+                version += 1
+                stamp = version.to_bytes(8, "big") + b"\x00\x00"
+                changed.update(_write(sql, m.buf, stamp, self._watched_keys))
+                outcomes.append(stamp)
+            sql.execute("UPDATE dgen_meta SET value = ? WHERE name = 'commit_version'", (version,))
+        except BaseException as exc:
+            sql.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error) and len(group) > 1:
+                # One member's writes failed (too big, ...): commit them one by
+                # one so the error reaches that member only.
+                return self._write_alone(sql, group)
+            if isinstance(exc, sqlite3.Error):
+                raise _map_error(exc, self.path) from None
+            raise
+        try:
+            sql.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if sql.in_transaction:
+                sql.execute("ROLLBACK")
+            raise _map_error(exc, self.path, committing=True) from None
+        if self._wake is not None:
+            self._wake.notify()  # from here: no hop back to the loop before other processes look
+        return outcomes, changed
+
+    def _write_alone(
+        self, sql: sqlite3.Connection, group: list[_Member]
+    ) -> tuple[list[bytes | BaseException], dict[bytes, bytes | None]]:
+        outcomes: list[bytes | BaseException] = []
+        changed: dict[bytes, bytes | None] = {}
+        for m in group:
+            try:
+                (outcome,), more = self._write_group(sql, [m], True)
+            except StoreError as exc:
+                outcomes.append(exc)
+            else:
+                outcomes.append(outcome)
+                changed.update(more)
+        return outcomes, changed
 
     # -- watches -----------------------------------------------------------
 
@@ -797,6 +947,13 @@ class SQLiteDatabase(Database):
         if self._closed:
             return
         self._closed = True
+        if self._committer is not None:
+            # Commits already queued end first (their members are waiting).
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._committer)
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         if self._watcher is not None:
             self._watcher.stopping = True
             self._watcher.poke()
