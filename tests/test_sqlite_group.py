@@ -50,8 +50,11 @@ async def put(db: dgen.Database, key: bytes, value: bytes) -> None:
     await db.run(body)
 
 
-async def test_concurrent_read_modify_writes_stay_serializable(tmp_path: Path) -> None:
-    async with dgen.connect(f"sqlite:///{tmp_path}/g.db") as db:
+@pytest.mark.parametrize("commit", ["thread", "inline"])
+async def test_concurrent_read_modify_writes_stay_serializable(tmp_path: Path, commit: str) -> None:
+    """(inline: the first commit of a loop iteration runs in its task, the
+    others of that iteration queue for the committer and form a group)"""
+    async with dgen.connect(f"sqlite:///{tmp_path}/g.db?commit={commit}") as db:
 
         async def increment(tr: Transaction) -> None:
             n = int(await tr.get(b"n") or b"0")

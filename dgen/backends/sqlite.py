@@ -7,7 +7,9 @@ moved since the snapshot, it replays the recorded reads and raises
 :class:`ConflictError` if any result differs. Writes are then applied and the
 counter is incremented in the same SQLite transaction, so the counter is a
 commit-ordered stamp: one writer at a time means stamp order is commit order
-and visibility order.
+and visibility order. Commits that queue while one is written are written
+together by a committer task, one fsync for the group, each validated and
+stamped as if alone (group commit).
 
 Watches: a thread per database checks ``PRAGMA data_version``, which changes
 when any other connection (this process or another) commits, and then
@@ -16,8 +18,9 @@ datagram sockets in ``<file>-dgenwake/`` (a hint); it also polls while
 watches exist, which is what correctness rests on. Local commits fire their
 watches directly.
 
-Each connection lives on its own thread, and a whole commit is one hop to
-that thread; see docs/sqlite.md for why we do not use aiosqlite.
+Each connection lives on its own thread, and a whole commit (group) is one
+hop to the writer connection's thread; see docs/sqlite.md for why we do not
+use aiosqlite.
 """
 
 from __future__ import annotations
@@ -239,10 +242,11 @@ class SQLiteTransaction(BufferedTransaction):
             await self._query(("range", begin, end, 0, False))
         db = self._db
         member = _Member(buf, self._read_version, self._reads, asyncio.get_running_loop())
-        if db.inline_commits and db._committer is None and db._writer is not None:
+        writer = db._commit_here()
+        if writer is not None:
             # Nothing queued: commit right here on the event loop, no task.
             try:
-                outcomes, changed = db._write_group(db._writer.open(), [member], False)
+                outcomes, changed = db._write_group(writer.open(), [member], False)
             except _Busy:
                 pass  # another process writes: the committer waits on the thread
             else:
@@ -252,7 +256,9 @@ class SQLiteTransaction(BufferedTransaction):
         if db._committer is None:
             db._committer = asyncio.ensure_future(db._drain())
         try:
-            return await asyncio.shield(member.outcome)
+            # Awaited directly (no shield hop): resumed before the watches the
+            # commit fires, so its caller sees the outcome first.
+            return await member.outcome
         except asyncio.CancelledError:
             member.abandon(db._pending)
             raise
@@ -690,12 +696,12 @@ class SQLiteDatabase(Database):
         self.pool_size = pool_size
         self._idle: list[_Connection] = []
         self._pool_slots = asyncio.Semaphore(pool_size)
-        self._write_lock = asyncio.Lock()
         # Commits waiting for the committer task, which writes them as one group
         # on its own connection (outside the pool: queued members hold slots).
         self._pending: list[_Member] = []
         self._committer: asyncio.Future[None] | None = None
         self._writer: _Connection | None = None
+        self._committed_here = False
         self.commit_groups = 0
         """Group commits so far: SQLite transactions that carried 2 or more."""
         self.grouped_commits = 0
@@ -758,6 +764,21 @@ class SQLiteDatabase(Database):
             self._give_back(conn, broken=True)
 
     # -- commits -----------------------------------------------------------
+
+    def _commit_here(self) -> _Connection | None:
+        """The writer, if this commit may run in its caller's task: with inline
+        commits, the first commit of a loop iteration does; later ones in the
+        same iteration (concurrent producers) queue for the committer, which
+        writes them as one group."""
+        if not self.inline_commits or self._committer is not None or self._committed_here:
+            return None
+        if self._writer is not None:
+            self._committed_here = True
+            asyncio.get_running_loop().call_soon(self._next_iteration)
+        return self._writer
+
+    def _next_iteration(self) -> None:
+        self._committed_here = False
 
     async def _drain(self) -> None:
         """The committer task: commit what queued, group by group, until nothing is left."""
