@@ -535,3 +535,42 @@ async def test_a_role_that_may_not_create_the_function_commits_without_groups(
         assert "open the store once as its owner" in caplog.text
     finally:
         drop_schema(owner_url)
+
+
+async def _seqscan_settings(conn: psycopg.AsyncConnection[Any], schema: str) -> dict[str, Any]:
+    cur = await conn.execute(
+        "SELECT p.proname, p.proconfig FROM pg_proc p JOIN pg_namespace n "
+        "ON n.oid = p.pronamespace WHERE n.nspname = %s "
+        "AND p.proname IN ('dgen_commit', 'dgen_commit_group')",
+        (schema,),
+    )
+    return {name: config for name, config in await cur.fetchall()}
+
+
+async def test_commit_functions_never_scan_the_whole_conflict_log(url: str) -> None:
+    """Without statistics on dgen_log the planner would scan all of it on
+    every commit; both functions carry enable_seqscan=off, and a store made
+    before that setting gets it when opened."""
+    want = {name: ["enable_seqscan=off"] for name in ("dgen_commit", "dgen_commit_group")}
+    async with dgen.connect(url) as db:
+        assert isinstance(db, postgres.PostgresDatabase)
+        async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
+            assert await _seqscan_settings(conn, db.schema) == want
+            # What an older DGen's store looks like: no setting, an older comment.
+            for name in want:
+                await conn.execute(
+                    sql.SQL("ALTER FUNCTION {}.{} RESET ALL").format(
+                        sql.Identifier(db.schema), sql.Identifier(name)
+                    )
+                )
+            await conn.execute(
+                sql.SQL("COMMENT ON FUNCTION {}.dgen_commit_group IS 'dgen group commit 1'").format(
+                    sql.Identifier(db.schema)
+                )
+            )
+            assert await _seqscan_settings(conn, db.schema) == dict.fromkeys(want)
+    async with dgen.connect(url) as db:
+        assert isinstance(db, postgres.PostgresDatabase)
+        async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
+            assert await _seqscan_settings(conn, db.schema) == want
+        await db.run(_set(b"k", b"v"))
