@@ -7,7 +7,6 @@ bug by the URL's scheme (see BROKEN).
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import itertools
 import time
@@ -97,12 +96,7 @@ class LostUpdateTransaction(MemoryTransaction):
     async def _read_range(
         self, begin: bytes, end: bytes, limit: int, reverse: bool
     ) -> list[KeyValue]:
-        keys = self._store.keys
-        selected = keys[bisect.bisect_left(keys, begin) : bisect.bisect_left(keys, end)]
-        if reverse:
-            selected.reverse()
-        if limit:
-            selected = selected[:limit]
+        selected = self._store.keys.between(begin, end, limit, reverse)
         return [(k, self._store.data[k]) for k in selected]
 
 

@@ -28,11 +28,74 @@ def _overlaps(ranges: list[tuple[bytes, bytes]], begin: bytes, end: bytes) -> bo
     return any(b < end and begin < e for b, e in ranges)
 
 
+class SortedKeys:
+    """The store's keys in order, kept as a list of short sorted chunks, so
+    an insert moves at most one chunk instead of every key after it (a flat
+    list made a cast into a million-key store cost a 8 MB memmove)."""
+
+    _CHUNK = 512
+
+    def __init__(self) -> None:
+        self._chunks: list[list[bytes]] = []
+        self._firsts: list[bytes] = []  # the first key of each chunk
+
+    def _chunk_of(self, key: bytes) -> int:
+        return max(bisect.bisect_right(self._firsts, key) - 1, 0)
+
+    def insert(self, key: bytes) -> None:
+        """Add ``key`` (the caller knows it is absent)."""
+        if not self._chunks:
+            self._chunks.append([key])
+            self._firsts.append(key)
+            return
+        i = self._chunk_of(key)
+        chunk = self._chunks[i]
+        bisect.insort(chunk, key)
+        self._firsts[i] = chunk[0]
+        if len(chunk) > 2 * self._CHUNK:
+            self._chunks[i : i + 1] = [chunk[: self._CHUNK], chunk[self._CHUNK :]]
+            self._firsts[i : i + 1] = [chunk[0], chunk[self._CHUNK]]
+
+    def remove(self, key: bytes) -> None:
+        """Remove ``key`` (the caller knows it is present)."""
+        i = self._chunk_of(key)
+        chunk = self._chunks[i]
+        del chunk[bisect.bisect_left(chunk, key)]
+        if chunk:
+            self._firsts[i] = chunk[0]
+        else:
+            del self._chunks[i], self._firsts[i]
+
+    def between(
+        self, begin: bytes, end: bytes, limit: int = 0, reverse: bool = False
+    ) -> list[bytes]:
+        """The keys in ``[begin, end)``, at most ``limit`` (0: all) from the
+        start, or from the end with ``reverse`` (then in descending order)."""
+        out: list[bytes] = []
+        if not self._chunks or begin >= end:
+            return out
+        first, last = self._chunk_of(begin), self._chunk_of(end)
+        order = range(last, first - 1, -1) if reverse else range(first, last + 1)
+        for i in order:
+            chunk = self._chunks[i]
+            lo, hi = bisect.bisect_left(chunk, begin), bisect.bisect_left(chunk, end)
+            part = chunk[lo:hi]
+            if reverse:
+                part.reverse()
+            out.extend(part)
+            if limit and len(out) >= limit:
+                return out[:limit]
+        return out
+
+    def __len__(self) -> int:
+        return sum(len(c) for c in self._chunks)
+
+
 @dataclass(eq=False)
 class MemoryStore:
     """The committed data, shared by the connections to one store."""
 
-    keys: list[bytes] = field(default_factory=list)
+    keys: SortedKeys = field(default_factory=SortedKeys)
     data: dict[bytes, bytes] = field(default_factory=dict)
     version: int = 0
     log: list[tuple[int, list[tuple[bytes, bytes]]]] = field(default_factory=list)
@@ -51,18 +114,16 @@ class MemoryStore:
     def put(self, key: bytes, value: bytes | None) -> None:
         if value is None:
             if self.data.pop(key, None) is not None:
-                del self.keys[bisect.bisect_left(self.keys, key)]
+                self.keys.remove(key)
         else:
             if key not in self.data:
-                bisect.insort(self.keys, key)
+                self.keys.insert(key)
             self.data[key] = value
 
     def clear_range(self, begin: bytes, end: bytes) -> None:
-        lo = bisect.bisect_left(self.keys, begin)
-        hi = bisect.bisect_left(self.keys, end)
-        for key in self.keys[lo:hi]:
+        for key in self.keys.between(begin, end):
             del self.data[key]
-        del self.keys[lo:hi]
+            self.keys.remove(key)
 
     def notify(self, written: list[tuple[bytes, bytes]]) -> None:
         for key in list(self.watches):
@@ -109,13 +170,7 @@ class MemoryTransaction(BufferedTransaction):
     ) -> list[KeyValue]:
         if self._store.changed_since(self._snapshot(), begin, end):
             raise ConflictError("a range read by this transaction changed since it started")
-        keys = self._store.keys
-        lo, hi = bisect.bisect_left(keys, begin), bisect.bisect_left(keys, end)
-        selected = keys[lo:hi]
-        if reverse:
-            selected.reverse()
-        if limit:
-            selected = selected[:limit]
+        selected = self._store.keys.between(begin, end, limit, reverse)
         return [(k, self._store.data[k]) for k in selected]
 
     async def _snapshot_get(self, key: bytes) -> object:
