@@ -16,14 +16,30 @@ def _num(value: float) -> str:
     return f"{value:.3f}"
 
 
+def _labels(results: list[dict[str, Any]]) -> list[str]:
+    """Column names: the store kind, with the URL's options where two runs
+    share a kind (``sqlite`` and ``sqlite (commit=inline)``)."""
+    kinds = [r["target"] for r in results]
+    labels = []
+    for r in results:
+        query = r.get("url", "").partition("?")[2]
+        labels.append(
+            f"{r['target']} ({query})" if kinds.count(r["target"]) > 1 and query else r["target"]
+        )
+    return labels
+
+
 def render(doc: dict[str, Any]) -> str:
-    targets = [r["target"] for r in doc["results"]]
+    targets = _labels(doc["results"])
     by_key: dict[str, dict[str, dict[str, Any]]] = {}
     names: dict[str, str] = {}
     # Key order from the store with the most figures (memory lacks the baselines).
-    for r in sorted(doc["results"], key=lambda r: -len(r["figures"])):
+    ranked = sorted(
+        zip(targets, doc["results"], strict=True), key=lambda tr: -len(tr[1]["figures"])
+    )
+    for label, r in ranked:
         for f in r["figures"]:
-            by_key.setdefault(f["key"], {})[r["target"]] = f
+            by_key.setdefault(f["key"], {})[label] = f
             names.setdefault(f["key"], f["unit"])
     lines = [
         "| figure | unit | " + " | ".join(targets) + " |",
@@ -43,7 +59,7 @@ def render(doc: dict[str, Any]) -> str:
                 cell += " ok" if f["meets"] else " MISS"
             cells.append(cell)
         lines.append(f"| `{key}` | {names[key]} | " + " | ".join(cells) + " |")
-    skipped = [(r["target"], s) for r in doc["results"] for s in r["skipped"]]
+    skipped = [(t, s) for t, r in zip(targets, doc["results"], strict=True) for s in r["skipped"]]
     if skipped:
         lines.append("")
         lines.append("Not measured:")
