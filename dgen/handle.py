@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import os
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -115,7 +116,7 @@ class Handle:
         # A receipt written with the messages makes a retry after
         # CommitUnknownError safe: the retry first looks for it, so the messages
         # are queued once whatever happened to the first commit.
-        token = uuid.uuid4().bytes
+        token = os.urandom(16)
         expires = int(time.time()) + _RECEIPT_SECONDS
         receipt, offset = self.keys.receipt(expires, token)
         checking = False

@@ -88,3 +88,16 @@ async def test_consumers_clear_expired_receipts(monkeypatch: pytest.MonkeyPatch)
     async with dgen.start(Echo(), db, "t") as server:
         assert await server.call("get") == 2
     assert await db.run(receipts) == 1  # the expired one is gone, the live one stays
+
+
+def test_receipt_key_is_the_tuple_encoding() -> None:
+    """The receipt key is built without re-packing the tenant prefix; it must
+    be byte for byte what the tuple layer gives, placeholder offset included."""
+    from dgen.keys import Versionstamp, pack_with_versionstamp
+    from dgen.queue import TenantKeys
+
+    keys = TenantKeys("tenant-é")
+    for expires in (0, 1, 255, 256, 1_800_000_000, 2**40):
+        for token in (b"", b"\x00", b"\x00\xff" * 8, bytes(range(16))):
+            want = pack_with_versionstamp(("e", expires, token, Versionstamp()), keys.prefix)
+            assert keys.receipt(expires, token) == want
