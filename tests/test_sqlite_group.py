@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +19,8 @@ from pathlib import Path
 import pytest
 
 import dgen
-from dgen.store import ConflictError, Transaction
+from dgen.backends.sqlite import SQLiteDatabase
+from dgen.store import ConflictError, StoreError, Transaction, UnavailableError, ValueTooLargeError
 
 pytestmark = pytest.mark.anyio
 
@@ -142,3 +144,113 @@ async def test_a_cancelled_queued_commit_is_not_written(tmp_path: Path) -> None:
             return [await tr.get(k) for k in (b"blocker", b"cancelled", b"kept")]
 
         assert await db.run(read) == [b"1", None, b"1"]
+
+
+async def _queue_behind_blocker(
+    db: dgen.Database, path: Path, **puts: bytes
+) -> list[asyncio.Future[None]]:
+    """With the write lock held elsewhere: a blocker commit taken by the
+    committer, then ``puts`` queued behind it (the caller releases the lock)."""
+    blocker = asyncio.ensure_future(put(db, b"blocker", b"1"))
+    await until(lambda: db._committer is not None and not db._pending)
+    queued = [asyncio.ensure_future(put(db, k.encode(), v)) for k, v in puts.items()]
+    await until(lambda: len(db._pending) == len(puts))
+    return [blocker, *queued]
+
+
+async def test_a_member_whose_write_fails_fails_alone(tmp_path: Path) -> None:
+    path = tmp_path / "g.db"
+    async with dgen.connect(f"sqlite:///{path}?busy_timeout=30") as db:
+        await put(db, b"warm", b"1")
+        assert isinstance(db, SQLiteDatabase) and db._writer is not None
+        db._writer.open().setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 1000)  # SQLITE_TOOBIG
+        with write_lock_held(path):
+            tasks = await _queue_behind_blocker(db, path, a=b"1", b=b"x" * 5000, c=b"1")
+        outcomes = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), GUARD)
+        assert outcomes[0] is None and outcomes[1] is None and outcomes[3] is None
+        assert isinstance(outcomes[2], ValueTooLargeError)
+
+
+async def test_a_full_disk_mid_group_gives_store_errors_and_the_rest_commits(
+    tmp_path: Path,
+) -> None:
+    """SQLite rolls back by itself on SQLITE_FULL (a page quota stands in for
+    the disk): the members get a StoreError, not a raw sqlite3 error, and
+    those that fit alone are written."""
+    path = tmp_path / "g.db"
+    async with dgen.connect(f"sqlite:///{path}?busy_timeout=30") as db:
+        await put(db, b"warm", b"1")
+        assert isinstance(db, SQLiteDatabase) and db._writer is not None
+        writer = db._writer.open()
+        pages = writer.execute("PRAGMA page_count").fetchone()[0]
+        writer.execute(f"PRAGMA max_page_count={pages + 3}")
+        with write_lock_held(path):
+            tasks = await _queue_behind_blocker(db, path, a=b"1", b=b"x" * 90_000, c=b"1")
+        outcomes = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), GUARD)
+        assert outcomes[0] is None and outcomes[1] is None and outcomes[3] is None
+        assert isinstance(outcomes[2], StoreError)
+
+
+@pytest.mark.parametrize("commit", ["thread", "inline"])
+async def test_cancelling_the_committer_loses_and_strands_nothing(
+    tmp_path: Path, commit: str
+) -> None:
+    """A shutdown may cancel every task, the committer included, while its
+    group is on the writer's thread: that write still ends and its members get
+    its outcome; the commits queued behind it are retried, not stranded."""
+    path = tmp_path / "g.db"
+    async with dgen.connect(f"sqlite:///{path}?busy_timeout=30&commit={commit}") as db:
+        await put(db, b"warm", b"1")  # opens the writer
+        assert isinstance(db, SQLiteDatabase)
+        with write_lock_held(path):
+            blocker, queued = await _queue_behind_blocker(db, path, queued=b"1")
+            committer = db._committer
+            assert committer is not None
+            committer.cancel()
+            await until(committer.done)
+        await asyncio.wait_for(asyncio.gather(blocker, queued), GUARD)  # no error, no hang
+
+        async def read(tr: Transaction) -> list[bytes | None]:
+            return [await tr.get(b"blocker"), await tr.get(b"queued")]
+
+        assert await db.run(read) == [b"1", b"1"]
+
+
+@pytest.mark.parametrize("commit", ["thread", "inline"])
+async def test_a_commit_after_close_is_refused(tmp_path: Path, commit: str) -> None:
+    db = await dgen.connect(f"sqlite:///{tmp_path}/g.db?commit={commit}")
+    assert isinstance(db, SQLiteDatabase)
+    tr = db.create_transaction()
+    tr.set(b"k", b"v")
+    await db.aclose()
+    with pytest.raises(UnavailableError, match="closed"):
+        await tr.commit()
+    assert db._writer is None
+
+
+async def test_a_cancelled_close_still_releases_everything(tmp_path: Path) -> None:
+    """aclose waits for queued commits; cancelled while waiting, it still
+    closes the store, and the commit it waited for ends normally."""
+    path = tmp_path / "g.db"
+    db = await dgen.connect(f"sqlite:///{path}?busy_timeout=30")
+    assert isinstance(db, SQLiteDatabase)
+    await put(db, b"warm", b"1")
+    tr = db.create_transaction()
+    watch = tr.watch(b"watched")
+    await tr.commit()
+    with write_lock_held(path):
+        pending = asyncio.ensure_future(put(db, b"k", b"1"))
+        await until(lambda: db._writing is not None and not db._writing.done())
+        closing = asyncio.ensure_future(db.aclose())
+        await asyncio.sleep(0.05)
+        closing.cancel()
+        await asyncio.gather(closing, return_exceptions=True)
+    await asyncio.wait_for(pending, GUARD)
+    with pytest.raises(UnavailableError):
+        await asyncio.wait_for(watch, GUARD)
+    assert db._writer is None and not db._idle
+
+    def threads() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("dgen-sqlite")]
+
+    await until(lambda: not threads())

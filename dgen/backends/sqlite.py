@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import secrets
@@ -241,6 +242,8 @@ class SQLiteTransaction(BufferedTransaction):
         for begin, end in self._unread:
             await self._query(("range", begin, end, 0, False))
         db = self._db
+        if db._closed:
+            raise UnavailableError(f"{db!r} is closed")
         member = _Member(buf, self._read_version, self._reads, asyncio.get_running_loop())
         writer = db._commit_here()
         if writer is not None:
@@ -350,6 +353,11 @@ def _write(
     sql.executemany("DELETE FROM dgen_kv WHERE key = ?", deletes)
     sql.executemany("INSERT OR REPLACE INTO dgen_kv (key, value) VALUES (?, ?)", puts)
     return _new_values(watched, buf.cleared, deletes, puts)
+
+
+# What writing a group gives: each member's stamp or error, and the new values
+# of the watched keys it wrote.
+_Outcomes = tuple[list[bytes | BaseException], dict[bytes, bytes | None]]
 
 
 # The watcher's IN lists come in these sizes (padded by repeating a key), so
@@ -628,6 +636,7 @@ class _Watcher(threading.Thread):
             watching.register(self.wake_socket, selectors.EVENT_READ)
         try:
             while not self.stopping:
+                taken: set[bytes] = set()
                 forced = _drain(self._poke_r)
                 _drain(self.wake_socket)
                 if not db._watched_keys:
@@ -641,6 +650,7 @@ class _Watcher(threading.Thread):
                     version = sql.execute("PRAGMA data_version").fetchone()[0]
                     if forced or version != seen:
                         generation, fresh = db._take_fresh()
+                        taken = fresh
                         # (fresh too: a counted watch may not be in _watched_keys yet)
                         if version != seen:
                             keys = list(fresh.union(db._watched_keys))  # all of them
@@ -652,7 +662,10 @@ class _Watcher(threading.Thread):
                         values = _read_keys(sql, keys)
                         self.loop.call_soon_threadsafe(db._deliver, generation, values)
                 except sqlite3.Error:
-                    # Transient (busy, file replaced): reconnect and treat as changed.
+                    # Transient (busy, file replaced): reconnect and treat as changed,
+                    # the keys taken for this read included (some may not be in
+                    # _watched_keys yet).
+                    db._give_fresh(taken)
                     if sql is not None:
                         sql.close()
                     sql, seen = None, None
@@ -701,6 +714,7 @@ class SQLiteDatabase(Database):
         self._pending: list[_Member] = []
         self._committer: asyncio.Future[None] | None = None
         self._writer: _Connection | None = None
+        self._writing: asyncio.Future[_Outcomes] | None = None  # the write on its thread
         self._committed_here = False
         self.commit_groups = 0
         """Group commits so far: SQLite transactions that carried 2 or more."""
@@ -770,7 +784,13 @@ class SQLiteDatabase(Database):
         commits, the first commit of a loop iteration does; later ones in the
         same iteration (concurrent producers) queue for the committer, which
         writes them as one group."""
-        if not self.inline_commits or self._committer is not None or self._committed_here:
+        if (
+            not self.inline_commits
+            or self._committer is not None
+            or self._pending
+            or self._committed_here
+            or (self._writing is not None and not self._writing.done())
+        ):
             return None
         if self._writer is not None:
             self._committed_here = True
@@ -788,6 +808,11 @@ class SQLiteDatabase(Database):
                 await self._commit_group(group)
         finally:
             self._committer = None
+            # Left only if this task was cancelled (a shutdown cancelling every
+            # task?): never written, so their callers may retry.
+            queued, self._pending = self._pending, []
+            for m in queued:
+                m.fail(ConflictError("the store's committer was cancelled before this commit"))
 
     async def _commit_group(self, group: list[_Member]) -> None:
         """Commit the transactions that queued while the previous commit ran,
@@ -798,7 +823,15 @@ class SQLiteDatabase(Database):
         those of committing them one after another; a member that conflicts
         gets its ConflictError and the others commit.
         """
+        if self._closed:
+            for m in group:
+                m.fail(UnavailableError(f"{self!r} is closed"))
+            return
+        on_thread = False
         try:
+            if self._writing is not None and not self._writing.done():
+                # A cancelled committer's write still runs on the writer's thread.
+                await asyncio.wait([self._writing])
             if self._writer is None:
                 self._writer = await self._open_connection()
             writer = self._writer
@@ -806,20 +839,48 @@ class SQLiteDatabase(Database):
                 try:
                     outcomes, changed = self._write_group(writer.open(), group, False)
                 except _Busy:
-                    outcomes, changed = await writer.run(
-                        lambda sql: self._write_group(sql, group, True)
-                    )
+                    on_thread = True
+                    outcomes, changed = await self._write_on_thread(writer, group)
             else:
-                outcomes, changed = await writer.run(
-                    lambda sql: self._write_group(sql, group, True)
-                )
+                on_thread = True
+                outcomes, changed = await self._write_on_thread(writer, group)
+        except asyncio.CancelledError:
+            if not on_thread:  # (otherwise the write ends for them: _write_on_thread)
+                for m in group:
+                    m.fail(ConflictError("the store's committer was cancelled before this commit"))
+            raise
         except BaseException as exc:  # the members get it (this is a task of its own)
             for m in group:
                 m.fail(exc)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
             return
         self._finish(group, outcomes, changed)
+
+    async def _write_on_thread(self, writer: _Connection, group: list[_Member]) -> _Outcomes:
+        """Write ``group`` on the writer's thread. Shielded: if the committer is
+        cancelled meanwhile the write goes on, and its members get its outcome."""
+        write = asyncio.ensure_future(writer.run(lambda sql: self._write_group(sql, group, True)))
+        self._writing = write
+        try:
+            return await asyncio.shield(write)
+        except asyncio.CancelledError:
+            if write.done():
+                self._finish_write(group, write)
+            else:
+                write.add_done_callback(functools.partial(self._finish_write, group))
+            raise
+
+    def _finish_write(self, group: list[_Member], write: asyncio.Future[_Outcomes]) -> None:
+        if write.cancelled():
+            # Only a loop shutting down cancels it; the thread may have committed.
+            for m in group:
+                m.fail(CommitUnknownError("the store was shut down while this commit was written"))
+        elif write.exception() is not None:
+            exc = write.exception()
+            assert exc is not None
+            for m in group:
+                m.fail(exc)
+        else:
+            self._finish(group, *write.result())
 
     def _finish(
         self,
@@ -869,7 +930,8 @@ class SQLiteDatabase(Database):
                 outcomes.append(stamp)
             sql.execute("UPDATE dgen_meta SET value = ? WHERE name = 'commit_version'", (version,))
         except BaseException as exc:
-            sql.execute("ROLLBACK")
+            if sql.in_transaction:  # (SQLite ends it itself on some errors, e.g. SQLITE_FULL)
+                sql.execute("ROLLBACK")
             if isinstance(exc, sqlite3.Error) and len(group) > 1:
                 # One member's writes failed (too big, ...): commit them one by
                 # one so the error reaches that member only.
@@ -923,6 +985,11 @@ class SQLiteDatabase(Database):
             fresh, self._fresh = self._fresh, set()
             return self._watch_generation, fresh
 
+    def _give_fresh(self, keys: set[bytes]) -> None:
+        """(watcher thread) Put back keys taken for a read that failed."""
+        with self._fresh_lock:
+            self._fresh |= keys
+
     def _poke_watcher(self) -> None:
         if self._watcher is not None and self._watches:
             self._watcher.poke()
@@ -968,13 +1035,23 @@ class SQLiteDatabase(Database):
         if self._closed:
             return
         self._closed = True
-        if self._committer is not None:
+        try:
             # Commits already queued end first (their members are waiting).
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._committer)
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+            for task in (self._committer, self._writing):
+                if task is not None and not task.done():
+                    await asyncio.wait([task])
+        finally:
+            await self._close_all()
+
+    async def _close_all(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            if self._writing is not None and not self._writing.done():
+                # (aclose was cancelled while a write waits on the thread: do
+                # not block the loop on it; close after it)
+                self._writing.add_done_callback(lambda _: writer.close())
+            else:
+                writer.close()
         if self._watcher is not None:
             self._watcher.stopping = True
             self._watcher.poke()
