@@ -65,10 +65,20 @@ _DROPPED: dict[str, type[MessageDroppedError]] = {
 }
 
 
+def _stamp(stamp: bytes) -> bytes:
+    """A message stamp as a tuple element's payload (the tuple encoding of a
+    complete Versionstamp is 0x33 and its 12 bytes, unescaped)."""
+    if len(stamp) != 12:
+        raise ValueError(f"a versionstamp is 12 bytes, got {len(stamp)}")
+    return bytes(stamp)
+
+
 class TenantKeys:
     """The keys of one tenant."""
 
     __slots__ = (
+        "_attempts_stamp_prefix",
+        "_dead_stamp_prefix",
         "_receipt_head",
         "attempts_begin",
         "attempts_end",
@@ -105,14 +115,17 @@ class TenantKeys:
         self.queue_stamp_prefix = pack(("q",), self.prefix) + b"\x33"
         self.attempts_begin, self.attempts_end = range_of(("a",), self.prefix)
         self.dead_begin, self.dead_end = range_of(("x",), self.prefix)
+        # Likewise for the per-message keys: a complete stamp is its 12 bytes.
+        self._attempts_stamp_prefix = pack(("a",), self.prefix) + b"\x33"
+        self._dead_stamp_prefix = pack(("x",), self.prefix) + b"\x33"
 
     def message(self, stamp: bytes) -> bytes:
         """The queue key of the message with this stamp."""
-        return pack(("q", Versionstamp.from_bytes(stamp)), self.prefix)
+        return self.queue_stamp_prefix + _stamp(stamp)
 
     def attempts(self, stamp: bytes) -> bytes:
         """The attempt record's key of the message with this stamp."""
-        return pack(("a", Versionstamp.from_bytes(stamp)), self.prefix)
+        return self._attempts_stamp_prefix + _stamp(stamp)
 
     def attempts_through(self, stamp: bytes) -> bytes:
         """End of the range holding the attempt records of every stamp up to
@@ -121,7 +134,7 @@ class TenantKeys:
 
     def dead_letter(self, stamp: bytes) -> bytes:
         """The dead letter's key of the message with this stamp."""
-        return pack(("x", Versionstamp.from_bytes(stamp)), self.prefix)
+        return self._dead_stamp_prefix + _stamp(stamp)
 
     def reply_slot(self, deadline: int, reply_id: bytes) -> bytes:
         return pack(("r", deadline, reply_id), self.prefix)

@@ -101,3 +101,19 @@ def test_receipt_key_is_the_tuple_encoding() -> None:
         for token in (b"", b"\x00", b"\x00\xff" * 8, bytes(range(16))):
             want = pack_with_versionstamp(("e", expires, token, Versionstamp()), keys.prefix)
             assert keys.receipt(expires, token) == want
+
+
+def test_message_keys_are_the_tuple_encoding() -> None:
+    """Queue, attempt and dead-letter keys are built from pre-packed heads;
+    byte for byte what the tuple layer gives, for stamps holding 0x00/0xff."""
+    from dgen.keys import Versionstamp, pack
+    from dgen.queue import TenantKeys
+
+    keys = TenantKeys("tenant\x00é")
+    for stamp in (bytes(12), b"\xff" * 12, bytes(range(12)), b"\x00\xff" * 6):
+        vs = Versionstamp.from_bytes(stamp)
+        assert keys.message(stamp) == pack(("q", vs), keys.prefix)
+        assert keys.attempts(stamp) == pack(("a", vs), keys.prefix)
+        assert keys.dead_letter(stamp) == pack(("x", vs), keys.prefix)
+    with pytest.raises(ValueError, match="12 bytes"):
+        keys.message(b"short")
