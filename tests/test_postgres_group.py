@@ -101,6 +101,16 @@ def _set(key: bytes, value: bytes) -> Callable[[Transaction], Awaitable[None]]:
     return body
 
 
+def _blind_writes(db: dgen.Database, *keys: bytes) -> list[Transaction]:
+    """One uncommitted transaction per key, each setting it to b"v"."""
+    trs = []
+    for key in keys:
+        tr = db.create_transaction()
+        tr.set(key, b"v")
+        trs.append(tr)
+    return trs
+
+
 async def _get(db: dgen.Database, key: bytes) -> bytes | None:
     async def body(tr: Transaction) -> bytes | None:
         return await tr.get(key)
@@ -311,11 +321,7 @@ async def test_a_failing_member_is_retried_alone_and_fails_alone(url: str) -> No
                 ).format(s=schema)
             )
         q = _Queue(db)
-        trs = []
-        for key in (b"good1", b"poison", b"good2"):
-            tr = db.create_transaction()
-            tr.set(key, b"v")
-            trs.append(tr)
+        trs = _blind_writes(db, b"good1", b"poison", b"good2")
         async with _row_locked(db, b"lock"):
             blocked = await q.blocker(b"lock")
             for tr in trs:
@@ -368,11 +374,7 @@ async def test_a_connection_that_died_while_queued_does_not_carry_the_group(url:
         assert isinstance(db, postgres.PostgresDatabase)
         await db.run(_set(b"lock", b"0"))
         q = _Queue(db)
-        trs = []
-        for key in (b"a", b"b"):
-            tr = db.create_transaction()
-            tr.set(key, b"v")
-            trs.append(tr)
+        trs = _blind_writes(db, b"a", b"b")
         async with _row_locked(db, b"lock"):
             blocked = await q.blocker(b"lock")
             for tr in trs:

@@ -137,6 +137,11 @@ class _Connection:
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` on the connection's thread, with the busy timeout set."""
+        return await self.submit(fn)
+
+    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Start ``fn`` on the connection's thread; its future (cancelling
+        the future does not stop ``fn``)."""
 
         def call() -> T:
             sql = self.open()
@@ -146,8 +151,7 @@ class _Connection:
             finally:
                 sql.execute("PRAGMA busy_timeout=0")
 
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, call)
+        return asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     def close(self) -> None:
         def _close() -> None:
@@ -322,6 +326,16 @@ class _Member:
         if self in pending:
             pending.remove(self)
         self.outcome.add_done_callback(_retrieve)
+
+
+def _fail_all(group: list[_Member], exc: BaseException) -> None:
+    for m in group:
+        m.fail(exc)
+
+
+def _cancelled_committer() -> ConflictError:
+    # Never written, so the caller may retry (db.run does).
+    return ConflictError("the store's committer was cancelled before this commit")
 
 
 def _retrieve(future: asyncio.Future[bytes]) -> None:
@@ -808,11 +822,9 @@ class SQLiteDatabase(Database):
                 await self._commit_group(group)
         finally:
             self._committer = None
-            # Left only if this task was cancelled (a shutdown cancelling every
-            # task?): never written, so their callers may retry.
+            # Left only if this task was cancelled (a shutdown cancelling every task?).
             queued, self._pending = self._pending, []
-            for m in queued:
-                m.fail(ConflictError("the store's committer was cancelled before this commit"))
+            _fail_all(queued, _cancelled_committer())
 
     async def _commit_group(self, group: list[_Member]) -> None:
         """Commit the transactions that queued while the previous commit ran,
@@ -824,8 +836,7 @@ class SQLiteDatabase(Database):
         gets its ConflictError and the others commit.
         """
         if self._closed:
-            for m in group:
-                m.fail(UnavailableError(f"{self!r} is closed"))
+            _fail_all(group, UnavailableError(f"{self!r} is closed"))
             return
         on_thread = False
         try:
@@ -846,19 +857,17 @@ class SQLiteDatabase(Database):
                 outcomes, changed = await self._write_on_thread(writer, group)
         except asyncio.CancelledError:
             if not on_thread:  # (otherwise the write ends for them: _write_on_thread)
-                for m in group:
-                    m.fail(ConflictError("the store's committer was cancelled before this commit"))
+                _fail_all(group, _cancelled_committer())
             raise
         except BaseException as exc:  # the members get it (this is a task of its own)
-            for m in group:
-                m.fail(exc)
+            _fail_all(group, exc)
             return
         self._finish(group, outcomes, changed)
 
     async def _write_on_thread(self, writer: _Connection, group: list[_Member]) -> _Outcomes:
         """Write ``group`` on the writer's thread. Shielded: if the committer is
         cancelled meanwhile the write goes on, and its members get its outcome."""
-        write = asyncio.ensure_future(writer.run(lambda sql: self._write_group(sql, group, True)))
+        write = writer.submit(lambda sql: self._write_group(sql, group, True))
         self._writing = write
         try:
             return await asyncio.shield(write)
@@ -872,13 +881,9 @@ class SQLiteDatabase(Database):
     def _finish_write(self, group: list[_Member], write: asyncio.Future[_Outcomes]) -> None:
         if write.cancelled():
             # Only a loop shutting down cancels it; the thread may have committed.
-            for m in group:
-                m.fail(CommitUnknownError("the store was shut down while this commit was written"))
-        elif write.exception() is not None:
-            exc = write.exception()
-            assert exc is not None
-            for m in group:
-                m.fail(exc)
+            _fail_all(group, CommitUnknownError("the store was shut down during this commit"))
+        elif (exc := write.exception()) is not None:
+            _fail_all(group, exc)
         else:
             self._finish(group, *write.result())
 
@@ -904,7 +909,7 @@ class SQLiteDatabase(Database):
 
     def _write_group(
         self, sql: sqlite3.Connection, group: list[_Member], may_wait: bool
-    ) -> tuple[list[bytes | BaseException], dict[bytes, bytes | None]]:
+    ) -> _Outcomes:
         """(connection's thread, or inline) Write ``group`` in one transaction."""
         if sql.in_transaction:
             sql.execute("ROLLBACK")
@@ -949,9 +954,7 @@ class SQLiteDatabase(Database):
             self._wake.notify()  # from here: no hop back to the loop before other processes look
         return outcomes, changed
 
-    def _write_alone(
-        self, sql: sqlite3.Connection, group: list[_Member]
-    ) -> tuple[list[bytes | BaseException], dict[bytes, bytes | None]]:
+    def _write_alone(self, sql: sqlite3.Connection, group: list[_Member]) -> _Outcomes:
         outcomes: list[bytes | BaseException] = []
         changed: dict[bytes, bytes | None] = {}
         for m in group:
