@@ -57,6 +57,10 @@ async def test_concurrent_read_modify_writes_stay_serializable(tmp_path: Path, c
     """(inline: the first commit of a loop iteration runs in its task, the
     others of that iteration queue for the committer and form a group)"""
     async with dgen.connect(f"sqlite:///{tmp_path}/g.db?commit={commit}") as db:
+        # The writer is open before the workers start: the groups below are not
+        # just commits that queued while the committer opened it.
+        await put(db, b"warm", b"1")
+        assert db.commit_groups == 0
 
         async def increment(tr: Transaction) -> None:
             n = int(await tr.get(b"n") or b"0")
