@@ -11,7 +11,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import bisect
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from dgen.store import (
@@ -222,11 +221,7 @@ class BufferedTransaction(Transaction):
             raise ValueError(f"limit must be >= 0, got {limit}")
         if begin >= end:
             return []
-        out: list[KeyValue] = []
-        async for pair in self._merged(begin, end, limit, reverse, snapshot):
-            out.append(pair)
-            if limit and len(out) >= limit:
-                break
+        out = await self._merged(begin, end, limit, reverse, snapshot)
         if not snapshot:
             if limit and len(out) >= limit:
                 last = out[-1][0]
@@ -244,15 +239,25 @@ class BufferedTransaction(Transaction):
 
     async def _merged(
         self, begin: bytes, end: bytes, limit: int, reverse: bool, snapshot: bool = False
-    ) -> AsyncIterator[KeyValue]:
+    ) -> list[KeyValue]:
+        """Committed pairs merged with the buffer, up to ``limit`` (0: all).
+
+        A list, not an async generator: one left early (at the limit) is
+        finalized through the event loop's thread-safe queue, a wake-up and
+        a task per range read.
+        """
         points = self.buffer.points_in(begin, end)
         if reverse:
             points.reverse()
         page = limit + len(points) if limit else 0
+        out: list[KeyValue] = []
         i = 0
 
         def before(a: bytes, b: bytes) -> bool:
             return a > b if reverse else a < b
+
+        def full() -> bool:
+            return bool(limit) and len(out) >= limit
 
         lo, hi = begin, end
         while True:
@@ -265,15 +270,19 @@ class BufferedTransaction(Transaction):
                 while i < len(points) and before(points[i][0], key):
                     new = points[i][1].apply(None)
                     if new is not None:
-                        yield points[i][0], new
+                        out.append((points[i][0], new))
+                        if full():
+                            return out
                     i += 1
                 if i < len(points) and points[i][0] == key:
                     new = points[i][1].apply(value)
                     i += 1
                     if new is not None:
-                        yield key, new
+                        out.append((key, new))
                 elif not self.buffer.is_cleared(key):
-                    yield key, value
+                    out.append((key, value))
+                if full():
+                    return out
             if exhausted:
                 break
             if reverse:
@@ -283,7 +292,10 @@ class BufferedTransaction(Transaction):
         for key, op in points[i:]:
             new = op.apply(None)
             if new is not None:
-                yield key, new
+                out.append((key, new))
+                if full():
+                    break
+        return out
 
     def _check_write(self, key: bytes, value: bytes = b"") -> None:
         self._check_open()
