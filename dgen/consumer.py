@@ -118,6 +118,13 @@ class ConsumerStats:
     """Attempt records written (failures, and probes before a retried message)."""
 
 
+class _Unread:
+    """Type of :data:`_UNREAD`: a key not read yet (None means absent)."""
+
+
+_UNREAD = _Unread()
+
+
 @dataclass(slots=True)
 class _Cached:
     token: bytes
@@ -322,6 +329,8 @@ class Consumer:
         self._cache: _Cached | None = None
         self._cache_dirty = False
         self._max_value = db.limits.max_value_size
+        # Read lock, version and queue head together where that saves round trips.
+        self._together = db.capabilities.combines_reads
         self.layout = StateLayout(self.keys.state, self._max_value)
         self._next_gc = 0.0
         self._batch_limit: int | None = None
@@ -361,10 +370,14 @@ class Consumer:
         self._cache = cache
         self._cache_dirty = False
 
-    async def _load_state(self, tr: Transaction) -> _Cached | None:
+    async def _load_state(
+        self, tr: Transaction, token: bytes | _Unread | None = _UNREAD
+    ) -> _Cached | None:
         """The state as of this transaction: from the cache if the version key
-        still holds the cached token, else from the store. None if no state."""
-        token = await tr.get(self.keys.version)
+        still holds the cached token, else from the store. None if no state.
+        ``token``: the version key's value, if the caller read it already."""
+        if isinstance(token, _Unread):
+            token = await tr.get(self.keys.version)
         if token is None:
             return None
         cache = self._cache
@@ -516,22 +529,36 @@ class Consumer:
 
     async def _consume(self, tr: Transaction) -> _Done | _Wait | _TakeOver | _Counted:
         self._failed = None
-        raw_lock = await read_blob(tr, self.keys.lock)
+        # A batch reads the head as a snapshot and declares a conflict on the
+        # messages it consumes only (in _handle_batch): a short queue read no
+        # longer conflicts with every producer appending behind it. A probe
+        # reads one key, which conflicts with nothing behind it anyway.
+        limit = 1 if self._probing else self._batch_limit or self.batch_size
+        head: tuple[list[Message], bool] | None = None
+        token: bytes | _Unread | None = _UNREAD
+        if self._together:
+            # One round trip instead of three; with a lock held the version
+            # and head reads were for nothing (rare), and their conflicts
+            # (the version key) matter no more than the lock's own.
+            raw_lock, token, head = await asyncio.gather(
+                read_blob(tr, self.keys.lock),
+                tr.get(self.keys.version),
+                read_head(tr, self.keys, limit, snapshot=not self._probing),
+            )
+        else:
+            raw_lock = await read_blob(tr, self.keys.lock)
         if raw_lock is not None:
             record = _LockRecord.decode(raw_lock)
             remaining = record.deadline - time.time()
             if remaining > 0 and record.owner != self.owner:
                 return _Wait(tr.watch(self.keys.lock), remaining + 0.01, locked=True)
             return await self._take_over(tr, record)
-        current = await self._load_state(tr)
+        current = await self._load_state(tr, token)
         if current is None:
             raise RuntimeError(f"tenant {self.tenant!r} has no state (was it deleted?)")
-        # A batch reads the head as a snapshot and declares a conflict on the
-        # messages it consumes only (in _handle_batch): a short queue read no
-        # longer conflicts with every producer appending behind it. A probe
-        # reads one key, which conflicts with nothing behind it anyway.
-        limit = 1 if self._probing else self._batch_limit or self.batch_size
-        messages, whole = await read_head(tr, self.keys, limit, snapshot=not self._probing)
+        if head is None:
+            head = await read_head(tr, self.keys, limit, snapshot=not self._probing)
+        messages, whole = head
         if not messages:
             return _Wait(tr.watch(self.keys.push))
         if self._probing and messages[0].stamp != self._counted:

@@ -133,6 +133,11 @@ class Capabilities:
     """Several OS processes can open the same store concurrently."""
     watches_cross_process: bool = False
     """A watch fires on a commit made by another process."""
+    combines_reads: bool = False
+    """Reads issued concurrently on one transaction (``asyncio.gather``) cost
+    fewer round trips than the same reads one after another, so a caller with
+    independent reads should issue them together. Concurrent reads are allowed
+    on every backend; this only says whether they are worth a task each."""
 
 
 def check_key(key: bytes, limits: Limits, hint: str = "") -> None:
@@ -217,6 +222,10 @@ class Transaction(abc.ABC):
     read, commit raises :class:`ConflictError` and applies nothing. A
     transaction that is neither committed nor rolled back leaves nothing
     behind. Backends may raise :class:`ConflictError` from a read as well.
+
+    Reads may be issued concurrently (``asyncio.gather``), each as if issued
+    alone; backends with :attr:`Capabilities.combines_reads` send them
+    together. Writes are not awaited, so there is nothing to order.
 
     Ranges are half-open ``[begin, end)`` in byte order.
     """

@@ -904,3 +904,39 @@ async def test_commit_conflicts_log_no_pipeline_warnings(
     assert conflicts > 0
     ignored = [r.getMessage() for r in caplog.records if r.name.startswith("psycopg")]
     assert not ignored
+
+
+async def test_concurrent_reads_go_out_as_one_statement(url: str) -> None:
+    """Reads awaited together are one statement (the first batch with the
+    BEGIN), sequential ones one each; a cancelled reader drops out of its
+    batch and the others still get their rows."""
+    async with dgen.connect(url) as db:
+        assert isinstance(db, postgres.PostgresDatabase)
+        assert db.capabilities.combines_reads
+
+        async def fill(tr: Transaction) -> None:
+            for i in range(5):
+                tr.set(b"r%d" % i, b"v%d" % i)
+
+        await db.run(fill)
+        tr = db.create_transaction()
+        before = db.read_statements
+        got = await asyncio.gather(
+            tr.get(b"r0"), tr.get(b"r9"), tr.get_range(b"r1", b"r4", limit=2), tr.get(b"r3")
+        )
+        assert got == [b"v0", None, [(b"r1", b"v1"), (b"r2", b"v2")], b"v3"]
+        assert db.read_statements == before + 1
+        got = await asyncio.gather(tr.get(b"r4"), tr.get_range(b"r0", b"r2", reverse=True))
+        assert got == [b"v4", [(b"r1", b"v1"), (b"r0", b"v0")]]
+        assert db.read_statements == before + 2
+        for key in (b"r1", b"r2"):
+            await tr.get(key)
+        assert db.read_statements == before + 4
+
+        dropped = asyncio.ensure_future(tr.get(b"r1"))
+        kept = asyncio.ensure_future(tr.get(b"r2"))
+        await asyncio.sleep(0)  # both joined one batch
+        dropped.cancel()
+        assert await kept == b"v2"
+        assert dropped.cancelled()
+        await tr.rollback()

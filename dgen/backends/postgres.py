@@ -425,21 +425,21 @@ class _SQL:
             "SELECT c.v, pg_notify(%(channel)s::text, c.v || %(hashes)s::text || coalesce(("
             "SELECT string_agg(' ' || left(encode(sha256(overlay(t.k PLACING int8send(c.v)"
             " || '\\x0000'::bytea FROM t.o + 1 FOR 10)), 'hex'), 12), '')"
-            " FROM unnest(%(hk)s::bytea[], %(ho)s::int[]) AS t(k, o)), ''))"
-            " FROM (SELECT {s}.dgen_commit(%(rv)s::bigint, %(rb)s::bytea[], %(re)s::bytea[],"
-            " %(cb)s::bytea[], %(ce)s::bytea[], %(ck)s::bytea[], %(sk)s::bytea[],"
-            " %(sv)s::bytea[], %(ak)s::bytea[], %(ad)s::numeric[], %(tk)s::bytea[],"
-            " %(to)s::int[], %(tv)s::bytea[], %(lw)s::bigint, %(pe)s::bigint) AS v) AS c"
+            " FROM unnest(%(hk)b::bytea[], %(ho)b::int[]) AS t(k, o)), ''))"
+            " FROM (SELECT {s}.dgen_commit(%(rv)b::bigint, %(rb)b::bytea[], %(re)b::bytea[],"
+            " %(cb)b::bytea[], %(ce)b::bytea[], %(ck)b::bytea[], %(sk)b::bytea[],"
+            " %(sv)b::bytea[], %(ak)b::bytea[], %(ad)s::numeric[], %(tk)b::bytea[],"
+            " %(to)b::int[], %(tv)b::bytea[], %(lw)b::bigint, %(pe)b::bigint) AS v) AS c"
         )
         # notify=after: the commit alone; a background task notifies.
         self.commit_only = self.commit[self.commit.index("FROM (SELECT ") + 6 : -len(" AS v) AS c")]
         # Group commit: notifications (notify=commit) are sent by the function.
         self.commit_group = q(
-            "SELECT {s}.dgen_commit_group(%(rv)s::bigint[], %(nr)s::int[], %(rb)s::bytea[],"
-            " %(re)s::bytea[], %(nc)s::int[], %(cb)s::bytea[], %(ce)s::bytea[], %(nk)s::int[],"
-            " %(ck)s::bytea[], %(ns)s::int[], %(sk)s::bytea[], %(sv)s::bytea[], %(na)s::int[],"
-            " %(ak)s::bytea[], %(ad)s::numeric[], %(nt)s::int[], %(tk)s::bytea[], %(to)s::int[],"
-            " %(tv)s::bytea[], %(lw)s::bigint, %(pe)s::bigint, %(channel)s::text,"
+            "SELECT {s}.dgen_commit_group(%(rv)b::bigint[], %(nr)b::int[], %(rb)b::bytea[],"
+            " %(re)b::bytea[], %(nc)b::int[], %(cb)b::bytea[], %(ce)b::bytea[], %(nk)b::int[],"
+            " %(ck)b::bytea[], %(ns)b::int[], %(sk)b::bytea[], %(sv)b::bytea[], %(na)b::int[],"
+            " %(ak)b::bytea[], %(ad)s::numeric[], %(nt)b::int[], %(tk)b::bytea[], %(to)b::int[],"
+            " %(tv)b::bytea[], %(lw)b::bigint, %(pe)b::bigint, %(channel)s::text,"
             " %(hashes)s::text[])"
         )
         self.get = q("SELECT value FROM {s}.dgen_kv WHERE key = %s")
@@ -511,6 +511,26 @@ async def _assume_alive(conn: psycopg.AsyncConnection[Any]) -> None:
     """A first step for :meth:`PostgresTransaction._checkout` that sends nothing."""
 
 
+# A read waiting to be sent: its statement, parameters and reader's future.
+_Read = tuple[str, tuple[Any, ...], "asyncio.Future[list[Any]] | None"]
+
+
+def _literal(conn: psycopg.AsyncConnection[Any], reads: list[tuple[str, tuple[Any, ...]]]) -> str:
+    """``reads`` as one string of statements, parameters as literals."""
+    mogrify = psycopg.AsyncClientCursor(conn).mogrify
+    return "; ".join(mogrify(query, params) for query, params in reads)
+
+
+async def _results(cur: psycopg.AsyncCursor[Any], count: int) -> list[list[Any]]:
+    """The rows of the next ``count`` result sets of ``cur``, the current one first."""
+    out = [await cur.fetchall()]
+    while len(out) < count:
+        if not cur.nextset():
+            raise StoreError(f"PostgreSQL returned {len(out)} results for {count} reads")
+        out.append(await cur.fetchall())
+    return out
+
+
 class PostgresTransaction(BufferedTransaction):
     """Reads on a REPEATABLE READ snapshot; at commit, a READ COMMITTED
     transaction that holds the store's clock row validates the read ranges
@@ -523,6 +543,11 @@ class PostgresTransaction(BufferedTransaction):
         self._open_tx = False
         self._read_version = 0
         self._watch_version: int | None = None  # the version watch baselines are at
+        # Reads waiting for this event-loop turn to end, the tasks sending
+        # batches, and the first batch while it begins the snapshot (_fetch).
+        self._batch: list[_Read] | None = None
+        self._serving: set[asyncio.Task[None]] = set()
+        self._beginning: asyncio.Future[None] | None = None
 
     async def _checkout(self, first: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
         """Take a pooled connection and run ``first`` (its first round trip).
@@ -550,34 +575,106 @@ class PostgresTransaction(BufferedTransaction):
                 raise _map_error(exc, db.url) from exc
         raise AssertionError("unreachable")
 
-    async def _begin_with(self, query: str, params: tuple[Any, ...]) -> list[Any]:
-        """Begin the snapshot and run the first read in one round trip (one
-        simple-protocol string, the read's parameters as literals)."""
+    async def _fetch(self, query: str, params: tuple[Any, ...]) -> list[Any]:
+        """The rows of one read.
 
-        async def first(conn: psycopg.AsyncConnection[Any]) -> tuple[int, list[Any]]:
-            read = psycopg.AsyncClientCursor(conn).mogrify(query, params)
-            cur = await conn.execute(self._db.sql.begin_read + "; " + read)
-            while cur.description is None:  # skip BEGIN's result
-                if not cur.nextset():
-                    raise StoreError("PostgreSQL returned no commit version")
-            row = await cur.fetchone()
-            if row is None or not cur.nextset():
+        Reads issued concurrently on this transaction (``asyncio.gather``)
+        join the first one, which waits one event-loop turn for them; they go
+        out as one statement string, one round trip, sent by a task of their
+        own so that a cancelled reader only drops out. A lone read gives up
+        that turn and is sent by its reader.
+        """
+        loop = self._db.loop
+        batch = self._batch
+        if batch is not None:
+            future: asyncio.Future[list[Any]] = loop.create_future()
+            batch.append((query, params, future))
+            return await future
+        batch = self._batch = [(query, params, None)]
+        try:
+            await asyncio.sleep(0)  # this turn's other reads join the batch
+        except asyncio.CancelledError:
+            if len(batch) > 1:
+                self._serve(batch[1:])
+            raise
+        finally:
+            self._batch = None
+        if len(batch) == 1:
+            return (await self._send_reads([(query, params)]))[0]
+        mine: asyncio.Future[list[Any]] = loop.create_future()
+        batch[0] = (query, params, mine)
+        self._serve(batch)
+        return await mine
+
+    def _serve(self, batch: list[_Read]) -> None:
+        """Send ``batch`` from a task; each reader waits for its future."""
+
+        async def serve() -> None:
+            try:
+                results = await self._send_reads([(q, p) for q, p, _ in batch])
+            except BaseException as exc:
+                for _, _, future in batch:
+                    if future is not None and not future.done():
+                        if isinstance(exc, Exception):
+                            future.set_exception(exc)
+                        else:
+                            future.cancel()
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            for (_, _, future), rows in zip(batch, results, strict=True):
+                if future is not None and not future.done():  # else its reader left
+                    future.set_result(rows)
+
+        task = asyncio.ensure_future(serve())
+        self._serving.add(task)
+        task.add_done_callback(self._serving.discard)
+
+    async def _send_reads(self, reads: list[tuple[str, tuple[Any, ...]]]) -> list[list[Any]]:
+        """Each read's rows; one round trip. The first reads of a transaction
+        also begin its snapshot and read its version."""
+        db = self._db
+        while self._conn is None and self._beginning is not None:
+            await asyncio.shield(self._beginning)  # another batch is beginning the snapshot
+        if self._conn is None:
+            self._beginning = db.loop.create_future()
+            try:
+                rows = await self._checkout(lambda conn: self._begin_with(conn, reads))
+            finally:
+                self._beginning.set_result(None)
+                self._beginning = None
+            self._watch_version = self._read_version
+            return rows
+        conn = self._conn
+        db.read_statements += 1
+        with _errors(db.url, conn):
+            if len(reads) == 1:
+                query, params = reads[0]
+                cur = await conn.execute(query, params, binary=True)
+                return [await cur.fetchall()]
+            # Several statements in one string (the simple protocol has no
+            # parameters, so they are sent as literals).
+            cur = await conn.execute(_literal(conn, reads), prepare=False)
+            return await _results(cur, len(reads))
+
+    async def _begin_with(
+        self, conn: psycopg.AsyncConnection[Any], reads: list[tuple[str, tuple[Any, ...]]]
+    ) -> list[list[Any]]:
+        """Begin the snapshot, read its version and run ``reads``, one round trip."""
+        self._db.read_statements += 1
+        cur = await conn.execute(self._db.sql.begin_read + "; " + _literal(conn, reads))
+        while cur.description is None:  # skip BEGIN's result
+            if not cur.nextset():
                 raise StoreError("PostgreSQL returned no commit version")
-            return int(row[0]), await cur.fetchall()
-
-        self._read_version, rows = await self._checkout(first)
-        self._watch_version = self._read_version
-        return rows
+        row = await cur.fetchone()
+        if row is None or not cur.nextset():
+            raise StoreError("PostgreSQL returned no commit version")
+        self._read_version = int(row[0])
+        return await _results(cur, len(reads))
 
     async def _read(self, key: bytes) -> bytes | None:
-        if self._conn is None:
-            rows = await self._begin_with(self._db.sql.get, (key,))
-            return bytes(rows[0][0]) if rows else None
-        conn = self._conn
-        with _errors(self._db.url, conn):
-            cur = await conn.execute(self._db.sql.get, (key,), binary=True)
-            row = await cur.fetchone()
-        return None if row is None else bytes(row[0])
+        rows = await self._fetch(self._db.sql.get, (key,))
+        return bytes(rows[0][0]) if rows else None
 
     async def _read_range(
         self, begin: bytes, end: bytes, limit: int, reverse: bool
@@ -589,13 +686,7 @@ class PostgresTransaction(BufferedTransaction):
         else:
             query = q.range_rev if reverse else q.range
             params = (begin, end)
-        if self._conn is None:
-            rows = await self._begin_with(query, params)
-        else:
-            conn = self._conn
-            with _errors(self._db.url, conn):
-                cur = await conn.execute(query, params, binary=True)
-                rows = await cur.fetchall()
+        rows = await self._fetch(query, params)
         return [(bytes(k), bytes(v)) for k, v in rows]
 
     async def _apply(self) -> bytes | None:
@@ -681,6 +772,8 @@ class PostgresTransaction(BufferedTransaction):
             loop.call_soon_threadsafe(self._db.release_later, self._conn, self._open_tx)
 
     async def _release(self) -> None:
+        if self._serving:  # a batch of reads whose readers left is still out
+            await asyncio.wait(self._serving)
         conn, self._conn = self._conn, None
         if conn is None:
             return
@@ -1291,7 +1384,9 @@ class _Watches:
 
 class PostgresDatabase(Database):
     limits = LIMITS
-    capabilities = Capabilities(durable=True, cross_process=True, watches_cross_process=True)
+    capabilities = Capabilities(
+        durable=True, cross_process=True, watches_cross_process=True, combines_reads=True
+    )
 
     def __init__(
         self,
@@ -1315,6 +1410,7 @@ class PostgresDatabase(Database):
         self.loop = asyncio.get_running_loop()
         self._releases: set[asyncio.Task[None]] = set()
         self._closed = False
+        self.read_statements = 0  # statements sent for reads (tests, benchmarks)
 
     def release_later(self, conn: psycopg.AsyncConnection[Any], open_tx: bool) -> None:
         """Return the connection of a transaction that was garbage-collected."""

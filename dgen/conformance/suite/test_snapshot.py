@@ -4,6 +4,7 @@ than its outcome depends on and declare only the part it does depend on."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -15,6 +16,7 @@ __all__ = [
     "test_snapshot_reads_see_own_writes",
     "test_added_conflict_range_conflicts_inside_only",
     "test_queue_head_pattern",
+    "test_concurrent_reads",
 ]
 
 _Reads = Callable[[Transaction], Awaitable[None]]
@@ -184,4 +186,68 @@ async def test_queue_head_pattern(store: ConformanceStore) -> None:
     await _setup(store)
     assert not await _commits(store, db2, consume_through_6, 1), (
         "an insert before the last consumed key did not conflict"
+    )
+
+
+@conformance_test()
+async def test_concurrent_reads(store: ConformanceStore) -> None:
+    """Reads awaited together (``asyncio.gather``) each return what they
+    return one after another: as the first reads of a transaction, after
+    others, merged with its own writes, with and without ``snapshot``; the
+    plain ones among them still conflict with a later write."""
+    await _setup(store)
+    db2 = await store.connect()
+
+    def k(i: int) -> bytes:
+        return store.key("sn", i)
+
+    def reads(tr: Transaction) -> list[Awaitable[object]]:
+        return [
+            tr.get(k(4)),
+            tr.get(k(5)),
+            tr.get(k(3), snapshot=True),
+            tr.get(k(6)),
+            tr.get_range(k(0), k(20)),
+            tr.get_range(k(2), k(9), limit=2, snapshot=True),
+            tr.get_range(k(0), k(20), limit=3, reverse=True),
+            tr.get_range(k(20), k(30)),
+        ]
+
+    async def one_by_one(tr: Transaction) -> list[object]:
+        return [await read for read in reads(tr)]
+
+    expected = await store.db.run(one_by_one)
+    assert expected[0] == b"original" and expected[1] is None
+    assert len(expected[4]) == 10  # type: ignore[arg-type]
+
+    async def together(tr: Transaction) -> list[object]:
+        return list(await asyncio.gather(*reads(tr)))
+
+    assert await store.db.run(together) == expected, "first reads of a transaction, together"
+
+    async def after_others(tr: Transaction) -> list[object]:
+        await tr.get(store.key("sn-anchor"))
+        return list(await asyncio.gather(*reads(tr)))
+
+    assert await store.db.run(after_others) == expected, "later reads, together"
+
+    async def with_writes(tr: Transaction) -> list[object]:
+        tr.set(k(3), b"mine")
+        tr.clear(k(6))
+        mine = list(await asyncio.gather(*reads(tr)))
+        tr.clear(k(3))
+        tr.set(k(6), b"original")
+        return mine
+
+    mine = await store.db.run(with_writes)
+    assert mine[2] == b"mine" and mine[3] is None, "own writes in concurrent point reads"
+    rows = mine[4]
+    assert isinstance(rows, list) and (k(3), b"mine") in rows and k(6) not in dict(rows)
+
+    # The plain reads of a concurrent batch are read conflicts like any other.
+    async def plain_together(tr: Transaction) -> None:
+        await asyncio.gather(tr.get(k(3), snapshot=True), tr.get(k(4)), tr.get(k(9)))
+
+    assert not await _commits(store, db2, plain_together, 4), (
+        "a concurrent plain read did not conflict"
     )
