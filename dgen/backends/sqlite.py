@@ -100,6 +100,10 @@ class _Busy(Exception):
     """Another connection holds the write lock; retry on the thread, waiting."""
 
 
+# Bytes of WAL file kept after a checkpoint restarts it (PRAGMA journal_size_limit).
+WAL_SIZE_LIMIT = 16 << 20
+
+
 class _Connection:
     """One sqlite3 connection and the thread that runs its blocking calls.
 
@@ -127,6 +131,9 @@ class _Connection:
                 if mode != "wal":
                     raise UnavailableError(f"cannot switch {self.path} to WAL mode (got {mode!r})")
                 sql.execute(f"PRAGMA synchronous={self._setup[0]}")
+                # A WAL that grew during a burst (or behind a long reader) is cut
+                # back to this size once a checkpoint lets it restart.
+                sql.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
                 # Inline calls on the event loop must never sleep in the busy handler.
                 sql.execute("PRAGMA busy_timeout=0")
             except BaseException:
@@ -245,6 +252,12 @@ class SQLiteTransaction(BufferedTransaction):
         # also takes its read version lazily).
         for begin, end in self._unread:
             await self._query(("range", begin, end, 0, False))
+        # Validation replays the reads on the writer, so the snapshot is done
+        # with: end it before the commit. A snapshot open across the commit
+        # kept every checkpoint from finishing, and the WAL grew without end
+        # under steady load (137 MB after 12,000 messages), each COMMIT's
+        # fsync slower as the file grew (300 us instead of 120).
+        await self._release()
         db = self._db
         if db._closed:
             raise UnavailableError(f"{db!r} is closed")
