@@ -540,10 +540,13 @@ class Consumer:
             # One round trip instead of three; with a lock held the version
             # and head reads were for nothing (rare), and their conflicts
             # (the version key) matter no more than the lock's own.
-            raw_lock, token, head = await asyncio.gather(
+            # The push key too: the baseline of the watch armed when the batch
+            # empties the queue, which would otherwise be read at commit.
+            raw_lock, token, head, _ = await asyncio.gather(
                 read_blob(tr, self.keys.lock),
                 tr.get(self.keys.version),
                 read_head(tr, self.keys, limit, snapshot=not self._probing),
+                tr.get(self.keys.push, snapshot=True),
             )
         else:
             raw_lock = await read_blob(tr, self.keys.lock)

@@ -940,3 +940,22 @@ async def test_concurrent_reads_go_out_as_one_statement(url: str) -> None:
         assert await kept == b"v2"
         assert dropped.cancelled()
         await tr.rollback()
+
+
+async def test_a_watch_on_a_key_already_read_reads_nothing_more(url: str) -> None:
+    """The baseline of a watch on a key the transaction read is that read's
+    value (one statement, not a second read at commit), and the watch still
+    fires on the next change."""
+    async with dgen.connect(url) as db:
+        assert isinstance(db, postgres.PostgresDatabase)
+        await db.run(_set(b"w", b"0"))
+        tr = db.create_transaction()
+        before = db.read_statements
+        assert await tr.get(b"w", snapshot=True) == b"0"
+        watch = tr.watch(b"w")
+        tr.set(b"other", b"x")
+        await tr.commit()
+        assert db.read_statements == before + 1
+        assert not watch.done()
+        await db.run(_set(b"w", b"1"))
+        await asyncio.wait_for(watch, WAIT)

@@ -140,6 +140,9 @@ class BufferedTransaction(Transaction):
         self._watches: list[Watch] = []
         self._stamp: asyncio.Future[bytes] | None = None
         self._closed = False
+        # Committed values point reads returned: a watch on such a key takes
+        # its baseline from here instead of reading it again at commit.
+        self._seen: dict[bytes, bytes | None] = {}
 
     # -- adapter hooks ---------------------------------------------------
 
@@ -205,6 +208,7 @@ class BufferedTransaction(Transaction):
         else:
             self.read_ranges.append((key, key + b"\x00"))
             value = await self._read(key)
+        self._seen[key] = value
         return op.apply(value) if op is not None else value
 
     async def get_range(
@@ -349,7 +353,7 @@ class BufferedTransaction(Transaction):
             return op.apply(None)
         if op is None and self.buffer.is_cleared(key):
             return None
-        value = await self._snapshot_get(key)
+        value = self._seen[key] if key in self._seen else await self._snapshot_get(key)
         if value is UNKNOWN:
             return UNKNOWN
         assert value is None or isinstance(value, bytes)
