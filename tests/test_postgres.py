@@ -222,6 +222,18 @@ async def test_read_then_concurrent_write_conflicts(url: str) -> None:
         assert await db.run(_get(b"y")) is None
 
 
+async def _grow_pool(db: postgres.PostgresDatabase, connections: int = 4) -> None:
+    """Hold several connections at once, so that the pool has spare ones
+    afterwards (a connection is parked only when the pool can spare it)."""
+
+    async def hold(tr: Transaction) -> None:
+        await tr.get(b"pool")
+        await asyncio.sleep(0.05)
+
+    await asyncio.gather(*(db.run(hold) for _ in range(connections)))
+    await asyncio.sleep(0.05)  # the timer returns the parked ones
+
+
 def _two_sessions(conninfo: str) -> tuple[psycopg.Connection[Any], psycopg.Connection[Any]]:
     return (
         psycopg.connect(conninfo, autocommit=True),
@@ -292,13 +304,24 @@ async def test_connection_lost_during_commit_is_commit_unknown(
                 killer.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
         await db.run(_set(b"earlier", b"x"))
-        # Read-write: the server ends the session between the reads and the
-        # commit. Ending the read snapshot (its own round trip, before the
-        # commit statement is sent) finds the connection dead: nothing was
-        # applied, so that is a retryable conflict, not a doubt.
+        await _grow_pool(db)
+        # Read-write: the server ends the read session between the reads and
+        # the commit. The reads are done and the commit validates them against
+        # the conflict log, so it goes out on another connection and commits
+        # (the dead one, parked, is dropped by the next reader).
         tr = db.create_transaction()
         await tr.get(b"k")
         tr.set(b"k", b"v")
+        assert isinstance(tr, postgres.PostgresTransaction) and tr._conn is not None
+        terminate(tr._conn.info.backend_pid)
+        await tr.commit()
+        # With no room to park, the snapshot's ROLLBACK (its own round trip,
+        # before the commit statement) finds the connection dead: nothing was
+        # applied, so that is a retryable conflict, not a doubt.
+        monkeypatch.setattr(postgres, "_PARKED_MAX", 0)
+        tr = db.create_transaction()
+        await tr.get(b"k")
+        tr.set(b"k", b"lost")
         assert isinstance(tr, postgres.PostgresTransaction) and tr._conn is not None
         terminate(tr._conn.info.backend_pid)
         with pytest.raises(ConflictError, match="before commit"):
@@ -326,7 +349,7 @@ async def test_connection_lost_during_commit_is_commit_unknown(
 
         # The pool drops the dead connections; the next transactions work.
         await db.run(_set(b"k2", b"v2"))
-        assert await db.run(_get(b"k")) is None  # neither commit reached the server
+        assert await db.run(_get(b"k")) == b"v"  # the write-only commit never reached it
         assert await db.run(_get(b"k2")) == b"v2"
 
 
@@ -959,3 +982,63 @@ async def test_a_watch_on_a_key_already_read_reads_nothing_more(url: str) -> Non
         assert not watch.done()
         await db.run(_set(b"w", b"1"))
         await asyncio.wait_for(watch, WAIT)
+
+
+async def test_a_parked_snapshot_never_reaches_the_next_transaction(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reading transaction leaves its connection parked with its snapshot
+    open, to be ended by the next reader's first round trip: that reader must
+    see what was committed in between, read-only or read-write."""
+    monkeypatch.setattr(postgres, "_PARKED_SECONDS", 30.0)  # only readers unpark
+    async with dgen.connect(url) as db, dgen.connect(url) as other:
+        assert isinstance(db, postgres.PostgresDatabase)
+        await _grow_pool(db)
+        await db.run(_set(b"p", b"0"))
+        for i in range(1, 6):
+            assert await db.run(_get(b"p")) == b"%d" % (i - 1)
+            assert db._parked, "the read-only transaction did not park its connection"
+            await other.run(_set(b"p", b"%d" % i))
+
+        async def bump(tr: Transaction) -> None:
+            value = await tr.get(b"p")
+            assert value is not None
+            tr.set(b"p", b"%d" % (int(value) + 1))
+
+        for _ in range(3):  # read-write: parked before the commit, on another connection
+            await db.run(bump)
+            assert db._parked
+        assert await other.run(_get(b"p")) == b"8"
+
+
+async def test_parked_connections_are_released_soon(url: str) -> None:
+    """A parked connection's snapshot holds back VACUUM: it is rolled back and
+    returned to the pool within moments, leaving no idle transaction."""
+    async with dgen.connect(url) as db:
+        assert isinstance(db, postgres.PostgresDatabase)
+        await _grow_pool(db)
+        await db.run(_set(b"p", b"0"))
+        assert await db.run(_get(b"p")) == b"0"
+        pid = db._parked[0].info.backend_pid
+        await asyncio.sleep(0.3)
+        assert not db._parked
+        with psycopg.connect(db.conninfo, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT state FROM pg_stat_activity WHERE pid = %s", (pid,)
+            ).fetchone()
+        assert row is not None and row[0] == "idle", f"backend {pid} is {row}"
+
+
+async def test_a_parked_connection_killed_is_replaced(url: str) -> None:
+    """A parked connection whose backend died is dropped and the read goes
+    out on a fresh one: no error reaches the transaction."""
+    async with dgen.connect(url) as db:
+        assert isinstance(db, postgres.PostgresDatabase)
+        await _grow_pool(db)
+        await db.run(_set(b"p", b"0"))
+        assert await db.run(_get(b"p")) == b"0"
+        pid = db._parked[0].info.backend_pid
+        with psycopg.connect(db.conninfo, autocommit=True) as killer:
+            killer.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        assert await db.run(_get(b"p")) == b"0"
+        assert await db.run(_get(b"p")) == b"0"
