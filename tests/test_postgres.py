@@ -1011,15 +1011,21 @@ async def test_a_parked_snapshot_never_reaches_the_next_transaction(
         assert await other.run(_get(b"p")) == b"8"
 
 
+async def _park_one(db: postgres.PostgresDatabase) -> int:
+    """Store p=0 and read it back, which parks the reading connection; its
+    backend's pid."""
+    await _grow_pool(db)
+    await db.run(_set(b"p", b"0"))
+    assert await db.run(_get(b"p")) == b"0"
+    return db._parked[0].info.backend_pid
+
+
 async def test_parked_connections_are_released_soon(url: str) -> None:
     """A parked connection's snapshot holds back VACUUM: it is rolled back and
     returned to the pool within moments, leaving no idle transaction."""
     async with dgen.connect(url) as db:
         assert isinstance(db, postgres.PostgresDatabase)
-        await _grow_pool(db)
-        await db.run(_set(b"p", b"0"))
-        assert await db.run(_get(b"p")) == b"0"
-        pid = db._parked[0].info.backend_pid
+        pid = await _park_one(db)
         await asyncio.sleep(0.3)
         assert not db._parked
         with psycopg.connect(db.conninfo, autocommit=True) as conn:
@@ -1034,10 +1040,7 @@ async def test_a_parked_connection_killed_is_replaced(url: str) -> None:
     out on a fresh one: no error reaches the transaction."""
     async with dgen.connect(url) as db:
         assert isinstance(db, postgres.PostgresDatabase)
-        await _grow_pool(db)
-        await db.run(_set(b"p", b"0"))
-        assert await db.run(_get(b"p")) == b"0"
-        pid = db._parked[0].info.backend_pid
+        pid = await _park_one(db)
         with psycopg.connect(db.conninfo, autocommit=True) as killer:
             killer.execute("SELECT pg_terminate_backend(%s)", (pid,))
         assert await db.run(_get(b"p")) == b"0"
