@@ -51,6 +51,7 @@ from dgen.store import (
     KeyValue,
     Limits,
     StoreError,
+    TransactionClosedError,
     UnavailableError,
     Watch,
 )
@@ -490,9 +491,18 @@ async def _getconn(pool: psycopg_pool.AsyncConnectionPool[Any]) -> psycopg.Async
     before = task.cancelling() if task is not None else 0
     conn: psycopg.AsyncConnection[Any] = await pool.getconn()
     if task is not None and task.cancelling() > before:
-        await pool.putconn(conn)
+        await _putconn(pool, conn)
         raise asyncio.CancelledError
     return conn
+
+
+async def _putconn(
+    pool: psycopg_pool.AsyncConnectionPool[Any], conn: psycopg.AsyncConnection[Any]
+) -> None:
+    """``pool.putconn(conn)`` that a cancellation cannot cut short: cancelled
+    half way, psycopg_pool loses the connection and keeps counting it, so
+    the pool shrinks for good (found by a cancellation stress test)."""
+    await asyncio.shield(pool.putconn(conn))
 
 
 @contextlib.asynccontextmanager
@@ -504,7 +514,7 @@ async def _pooled(
     try:
         yield conn
     finally:
-        await pool.putconn(conn)
+        await _putconn(pool, conn)
 
 
 async def _assume_alive(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -548,6 +558,9 @@ class PostgresTransaction(BufferedTransaction):
         self._batch: list[_Read] | None = None
         self._serving: set[asyncio.Task[None]] = set()
         self._beginning: asyncio.Future[None] | None = None
+        # Set once commit or rollback begins: a batch still to be sent (its
+        # readers gone) must not take a connection after that.
+        self._ending = False
 
     async def _checkout(self, first: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
         """Take a pooled connection and run ``first`` (its first round trip).
@@ -561,7 +574,7 @@ class PostgresTransaction(BufferedTransaction):
                 conn = await _getconn(db.pool)
             if not _looks_alive(conn) and attempt < db.pool_size:
                 await conn.close()
-                await db.pool.putconn(conn)  # the pool drops it
+                await _putconn(db.pool, conn)  # the pool drops it
                 continue
             self._conn, self._open_tx = conn, True
             try:
@@ -570,7 +583,7 @@ class PostgresTransaction(BufferedTransaction):
                 if attempt == db.pool_size or not conn.closed:
                     raise _map_error(exc, db.url) from exc
                 self._conn, self._open_tx = None, False
-                await db.pool.putconn(conn)
+                await _putconn(db.pool, conn)
             except psycopg.Error as exc:
                 raise _map_error(exc, db.url) from exc
         raise AssertionError("unreachable")
@@ -634,6 +647,8 @@ class PostgresTransaction(BufferedTransaction):
         """Each read's rows; one round trip. The first reads of a transaction
         also begin its snapshot and read its version."""
         db = self._db
+        if self._ending:
+            raise TransactionClosedError("this transaction is committing or ended: no more reads")
         while self._conn is None and self._beginning is not None:
             await asyncio.shield(self._beginning)  # another batch is beginning the snapshot
         if self._conn is None:
@@ -672,7 +687,7 @@ class PostgresTransaction(BufferedTransaction):
                     raise _map_error(exc, db.url) from exc
                 # Died while parked (a server restart): nothing happened yet.
                 self._conn, self._open_tx = None, False
-                await db.pool.putconn(conn)
+                await _putconn(db.pool, conn)
             except psycopg.Error as exc:
                 raise _map_error(exc, db.url) from exc
         return await self._checkout(lambda conn: self._begin_with(conn, reads))
@@ -716,6 +731,12 @@ class PostgresTransaction(BufferedTransaction):
         buf = self.buffer
         if buf.is_empty():
             return None  # a snapshot read needs no validation (as in FoundationDB)
+        # A batch of reads whose readers left may still be out, or still to be
+        # sent: let it end (or refuse it) before the connection is parked, or
+        # it would begin a snapshot on the parked connection and lose it.
+        self._ending = True
+        if self._serving:
+            await asyncio.wait(self._serving)
         clears: list[bytes] = []
         set_keys: list[bytes] = []
         set_values: list[bytes] = []
@@ -802,6 +823,7 @@ class PostgresTransaction(BufferedTransaction):
             loop.call_soon_threadsafe(self._db.release_later, self._conn, self._open_tx)
 
     async def _release(self) -> None:
+        self._ending = True
         if self._serving:  # a batch of reads whose readers left is still out
             await asyncio.wait(self._serving)
         conn, self._conn = self._conn, None
@@ -816,7 +838,7 @@ class PostgresTransaction(BufferedTransaction):
                     await conn.execute("ROLLBACK", prepare=False)
         finally:
             self._open_tx = False
-            await self._db.pool.putconn(conn)
+            await _putconn(self._db.pool, conn)
 
 
 # Read connections kept for the next reader to end their snapshot (park).
@@ -1461,7 +1483,7 @@ class PostgresDatabase(Database):
                     with contextlib.suppress(psycopg.Error):
                         await conn.execute("ROLLBACK", prepare=False)
             finally:
-                await self.pool.putconn(conn)
+                await _putconn(self.pool, conn)
 
         if not self._closed:
             task = asyncio.ensure_future(release())
