@@ -501,8 +501,21 @@ async def _putconn(
 ) -> None:
     """``pool.putconn(conn)`` that a cancellation cannot cut short: cancelled
     half way, psycopg_pool loses the connection and keeps counting it, so
-    the pool shrinks for good (found by a cancellation stress test)."""
-    await asyncio.shield(pool.putconn(conn))
+    the pool shrinks for good (found by a cancellation stress test).
+
+    Shielded (a task of its own) only when it may suspend: handing the
+    connection to a waiting request, or resetting it. Otherwise it runs to
+    the end at once, and the connection is back in the pool for the caller's
+    next transaction (shielding every return cost 14% of one task's
+    write-only commit rate: the next checkout found the pool empty).
+    """
+    if (
+        conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        and not pool.get_stats().get("requests_waiting", 0)
+    ):
+        await pool.putconn(conn)
+    else:
+        await asyncio.shield(pool.putconn(conn))
 
 
 @contextlib.asynccontextmanager
