@@ -413,7 +413,7 @@ class Consumer:
         changes.apply(tr)
         self.stats.state_keys_written += changes.keys_touched
         self.stats.state_bytes_written += changes.bytes_written
-        token = uuid.uuid4().bytes
+        token = os.urandom(16)  # as uuid4, without building a UUID
         tr.set(self.keys.version, token)
         return _Cached(token, state, flat)
 
