@@ -365,52 +365,16 @@ async def test_a_lost_connection_gives_every_member_commit_unknown(url: str) -> 
         assert await _get(db, b"after") == b"1"
 
 
-async def _reading_writes(db: dgen.Database, *keys: bytes) -> list[Transaction]:
-    """Like :func:`_blind_writes`, but each transaction reads first. With
-    parking off (``_PARKED_MAX`` 0) each keeps its reading connection, which
-    ends its snapshot with ROLLBACK and then carries its commit."""
-    trs = _blind_writes(db, *keys)
-    for tr in trs:
-        await tr.get(b"unrelated")
-    return trs
-
-
-async def test_queued_blind_writes_hold_no_connection(url: str) -> None:
-    """Write-only commits that queue behind a statement in flight take no
-    pooled connection: their group borrows one, and they all commit."""
-    async with dgen.connect(url) as db:
-        assert isinstance(db, postgres.PostgresDatabase)
-        await db.run(_set(b"lock", b"0"))
-        q = _Queue(db)
-        trs = _blind_writes(db, *(b"k%d" % i for i in range(6)))
-        async with _row_locked(db, b"lock"):
-            blocked = await q.blocker(b"lock")
-            requests = db.pool.get_stats().get("requests_num", 0)
-            for tr in trs:
-                await q.add(tr)
-                assert isinstance(tr, postgres.PostgresTransaction) and tr._conn is None
-            assert db.pool.get_stats().get("requests_num", 0) == requests
-        done = await asyncio.wait_for(
-            asyncio.gather(blocked, *q.tasks, return_exceptions=True), WAIT
-        )
-        assert done == [None] * 7, done
-        assert q.counts() == (2, 1, 6)
-        assert all([await _get(db, b"k%d" % i) == b"v" for i in range(6)])
-
-
-async def test_a_connection_that_died_while_queued_does_not_carry_the_group(
-    url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_connection_that_died_while_queued_does_not_carry_the_group(url: str) -> None:
     """The first queued member's session is terminated while it waits (a
     server restart would do the same): nothing was sent on it, so the group
     goes out on the next member's connection and every member commits,
     instead of all getting CommitUnknownError."""
-    monkeypatch.setattr(postgres, "_PARKED_MAX", 0)  # members keep their connections
     async with dgen.connect(url) as db:
         assert isinstance(db, postgres.PostgresDatabase)
         await db.run(_set(b"lock", b"0"))
         q = _Queue(db)
-        trs = await _reading_writes(db, b"a", b"b")
+        trs = _blind_writes(db, b"a", b"b")
         async with _row_locked(db, b"lock"):
             blocked = await q.blocker(b"lock")
             for tr in trs:
@@ -429,14 +393,11 @@ async def test_a_connection_that_died_while_queued_does_not_carry_the_group(
         assert await _get(db, b"a") == b"v" and await _get(db, b"b") == b"v"
 
 
-async def test_cancelled_members_do_not_break_their_group(
-    url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_cancelled_members_do_not_break_their_group(url: str) -> None:
     """A member cancelled while queued is never sent; the leader of a group
     (its connection carries the statement) cancelled while the statement
     waits on a lock keeps its connection until the statement ends; the
     others get their results."""
-    monkeypatch.setattr(postgres, "_PARKED_MAX", 0)  # members keep their connections
     async with dgen.connect(url) as db:
         assert isinstance(db, postgres.PostgresDatabase)
         await db.run(_set(b"lock", b"0"))
@@ -445,7 +406,6 @@ async def test_cancelled_members_do_not_break_their_group(
         trs = []
         for key in (b"lead", b"dropped", b"follow"):
             tr = db.create_transaction()
-            await tr.get(b"unrelated")  # read-write: it keeps a connection
             tr.set(key, b"v")
             tr.add(b"lock2", 1)  # the group waits for lock2
             trs.append(tr)

@@ -800,24 +800,20 @@ class PostgresTransaction(BufferedTransaction):
         # Not pipelined with the ROLLBACK of the read snapshot: psycopg's
         # pipeline costs more time than the round trip it saves
         # (docs/postgres.md).
-        # A commit that will queue behind the statement in flight needs no
-        # connection of its own: its group brings one.
-        queues = db.committer.queues()
         if not read:
-            if not queues:
-                await self._checkout(_assume_alive)  # write-only: no snapshot to end
+            await self._checkout(_assume_alive)  # write-only: no snapshot to end
         elif self._conn is not None and db.park(self._conn):
             # Its snapshot ends in the next reader's first round trip; the
             # commit goes out on a clean connection, one round trip sooner.
             self._conn, self._open_tx = None, False
-            if not queues:
-                await self._checkout(_assume_alive)
+            await self._checkout(_assume_alive)
         else:
             reader = self._conn
             assert reader is not None
             with _errors(db.url, reader):
                 await reader.execute("ROLLBACK", prepare=False)  # nothing applied yet
         conn = self._conn
+        assert conn is not None
         self._open_tx = False
         member = _Member(
             conn, params, raw, self._read_version, hashes, written, cleared, stamped, buf.size
@@ -878,7 +874,7 @@ class _Member:
 
     def __init__(
         self,
-        conn: psycopg.AsyncConnection[Any] | None,
+        conn: psycopg.AsyncConnection[Any],
         params: dict[str, Any],
         raw: dict[str, list[Any]],
         read_version: int,
@@ -888,9 +884,7 @@ class _Member:
         stamped: list[tuple[bytes, int, bytes]],
         size: int,
     ) -> None:
-        # The transaction's own connection, idle now; None for a commit that
-        # queued without one (its group borrows a connection from the pool).
-        self.conn = conn
+        self.conn = conn  # the transaction's own connection, idle now
         self.params = params  # for a lone dgen_commit
         self.raw = raw  # the same arrays, for concatenation into a group
         self.read_version = read_version
@@ -920,9 +914,7 @@ class _GroupCommit:
     (``dgen_commit``, as without grouping). Commits arriving while one is in
     flight queue, and go out together as the next statement
     (``dgen_commit_group``): one round trip, one clock-lock acquisition, one
-    WAL flush. A queued commit holds no connection of its own unless its
-    transaction still had one; the group goes out on such a connection, else
-    on one borrowed from the pool.
+    WAL flush. The next group is sent on its first member's connection.
     With ``group_commit=off`` every commit goes out at once, alone.
 
     Counters, for tests and benchmarks: ``statements`` (commit statements
@@ -945,19 +937,11 @@ class _GroupCommit:
         """Commits waiting for the statement in flight to finish."""
         return len(self._queue)
 
-    def queues(self) -> bool:
-        """Whether a commit made now would queue (behind a statement in flight)."""
-        return self.enabled and self._busy
-
     async def commit(self, member: _Member) -> int:
-        """Commit ``member``; its version, or the error of a lone commit.
-        ``member.conn`` may be None only if :meth:`queues` said so, with no
-        await since."""
+        """Commit ``member``; its version, or the error of a lone commit."""
         if not self.enabled:
-            assert member.conn is not None
             return self._unwrap((await self._send([member], member.conn))[0])
         if not self._busy:
-            assert member.conn is not None
             self._busy = True
             try:
                 return self._unwrap((await self._send([member], member.conn))[0])
@@ -996,52 +980,35 @@ class _GroupCommit:
             self._busy = False
             return
         task = asyncio.create_task(self._run(batch), name="dgen-postgres-group-commit")
-        if batch[0].conn is not None:
-            batch[0].task = task
+        batch[0].task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _run(self, batch: list[_Member]) -> None:
-        # Members cancelled before anything was sent drop out. The statement
-        # goes out on the first queued member's connection that looks alive
-        # (that member waits for us even if cancelled), else on one borrowed
-        # from the pool: queued commits need not hold connections.
+        # Members cancelled before anything was sent drop out; the first
+        # member's connection carries the statement (it waits for us even if
+        # cancelled).
         members = [m for m in batch if m.result is not None and not m.result.done()]
-        conn: psycopg.AsyncConnection[Any] | None = None
-        borrowed = False
-        outcomes: list[int | StoreError] = []
+        carrier: _Member | None = batch[0]
+        if members and not _looks_alive(batch[0].conn):
+            # Its connection died while it queued (a server restart) and has
+            # sent nothing: carry the statement on another member's, so that
+            # a lost connection means CommitUnknownError only when it was lost
+            # with the statement on it.
+            carrier = next((m for m in members if _looks_alive(m.conn)), None)
+            if carrier is not None:
+                carrier.task = asyncio.current_task()  # it waits for us now
         try:
-            if members:
-                # Only the first member (its task was set when queued) and the
-                # ones still waiting can lend theirs: a member cancelled since
-                # it was queued has given its connection back.
-                carrier = next(
-                    (
-                        m
-                        for m in (batch[0], *members)
-                        if m.conn is not None and _looks_alive(m.conn)
-                    ),
-                    None,
-                )
-                if carrier is not None:
-                    conn = carrier.conn
-                    carrier.task = asyncio.current_task()  # it waits for us now
-                else:
-                    # A connection that died while its member queued (a server
-                    # restart) sent nothing, so a lost connection means
-                    # CommitUnknownError only when the statement was on it.
-                    try:
-                        conn = await self._borrow()
-                        borrowed = True
-                    except StoreError as exc:
-                        lost = ConflictError(
-                            f"no connection to {self.db.url.render(hide_password=True)} "
-                            f"before commit ({exc}); nothing was applied and a new "
-                            "transaction may retry"
-                        )
-                        outcomes = [lost for _ in members]
-                if conn is not None:
-                    outcomes = await self._send(members, conn)
+            if carrier is None:
+                outcomes: list[int | StoreError] = [
+                    ConflictError(
+                        f"lost the connection to {self.db.url.render(hide_password=True)} "
+                        "before commit; nothing was applied and a new transaction may retry"
+                    )
+                    for _ in members
+                ]
+            else:
+                outcomes = await self._send(members, carrier.conn) if members else []
             for member, outcome in zip(members, outcomes, strict=True):
                 future = member.result
                 assert future is not None
@@ -1055,22 +1022,7 @@ class _GroupCommit:
             for member in members:
                 if member.result is not None and not member.result.done():
                     member.result.cancel()  # only if _send itself failed
-            if borrowed:
-                assert conn is not None
-                await _putconn(self.db.pool, conn)
             self._next()
-
-    async def _borrow(self) -> psycopg.AsyncConnection[Any]:
-        """A pooled connection that looks alive, for a group with none."""
-        db = self.db
-        for attempt in range(db.pool_size + 1):
-            with _errors(db.url):
-                conn = await _getconn(db.pool)
-            if _looks_alive(conn) or attempt == db.pool_size:
-                return conn
-            await conn.close()
-            await _putconn(db.pool, conn)  # the pool drops it
-        raise AssertionError("unreachable")
 
     async def _send(
         self, members: list[_Member], conn: psycopg.AsyncConnection[Any]
@@ -1102,9 +1054,6 @@ class _GroupCommit:
                 for member in members:
                     if member.result is not None and member.result.done():
                         outcomes.append(ConflictError("cancelled"))  # nobody waits for it
-                        continue
-                    if member.conn is None:
-                        outcomes += await self._send([member], conn)
                         continue
                     if current is not None and member.result is not None:
                         member.task = current  # we use its connection now
