@@ -576,3 +576,39 @@ async def test_commit_functions_never_scan_the_whole_conflict_log(url: str) -> N
         async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
             assert await _seqscan_settings(conn, db.schema) == want
         await db.run(_set(b"k", b"v"))
+
+
+class _Countdown(dgen.DGenServer):
+    """Counts casts; sets ``done`` (shared) when the last of all arrives."""
+
+    def __init__(self, left: list[int], done: asyncio.Event) -> None:
+        self.left = left
+        self.done = done
+
+    def init(self, arg: Any) -> int:
+        return 0
+
+    def handle_cast(self, message: Any, state: int) -> dgen.NoReply:
+        self.left[0] -= 1
+        if self.left[0] == 0:
+            self.done.set()
+        return dgen.NoReply(state + 1)
+
+
+async def test_many_consumers_on_a_small_pool_drain_their_queues(url: str) -> None:
+    """Far more consumers than pooled connections, all committing at once:
+    every message is consumed. A version whose queued commits waited for a
+    pooled connection, while the pool's connections were held by commits
+    queued behind them, deadlocked here until PoolTimeout."""
+    tenants, per = 150, 2
+    async with dgen.connect(url + "&pool_size=3") as db:
+        left, done = [tenants * per], asyncio.Event()
+        for i in range(tenants):
+            await dgen.handle(db, f"t{i}").cast_many(range(per))
+        async with contextlib.AsyncExitStack() as stack:
+            for i in range(tenants):
+                await stack.enter_async_context(
+                    dgen.start(_Countdown(left, done), db, f"t{i}", batch_size=16)
+                )
+            await asyncio.wait_for(done.wait(), WAIT)
+        assert left[0] == 0
