@@ -118,13 +118,6 @@ class ConsumerStats:
     """Attempt records written (failures, and probes before a retried message)."""
 
 
-class _Unread:
-    """Type of :data:`_UNREAD`: a key not read yet (None means absent)."""
-
-
-_UNREAD = _Unread()
-
-
 @dataclass(slots=True)
 class _Cached:
     token: bytes
@@ -329,7 +322,7 @@ class Consumer:
         self._cache: _Cached | None = None
         self._cache_dirty = False
         self._max_value = db.limits.max_value_size
-        # Read lock, version and queue head together where that saves round trips.
+        # Read version, queue head and push key together where that saves round trips.
         self._together = db.capabilities.combines_reads
         self.layout = StateLayout(self.keys.state, self._max_value)
         self._next_gc = 0.0
@@ -370,14 +363,13 @@ class Consumer:
         self._cache = cache
         self._cache_dirty = False
 
-    async def _load_state(
-        self, tr: Transaction, token: bytes | _Unread | None = _UNREAD
-    ) -> _Cached | None:
+    async def _load_state(self, tr: Transaction) -> _Cached | None:
         """The state as of this transaction: from the cache if the version key
-        still holds the cached token, else from the store. None if no state.
-        ``token``: the version key's value, if the caller read it already."""
-        if isinstance(token, _Unread):
-            token = await tr.get(self.keys.version)
+        still holds the cached token, else from the store. None if no state."""
+        return await self._state_at(tr, await tr.get(self.keys.version))
+
+    async def _state_at(self, tr: Transaction, token: bytes | None) -> _Cached | None:
+        """:meth:`_load_state`, the version key's value ``token`` read already."""
         if token is None:
             return None
         cache = self._cache
@@ -534,10 +526,15 @@ class Consumer:
         # longer conflicts with every producer appending behind it. A probe
         # reads one key, which conflicts with nothing behind it anyway.
         limit = 1 if self._probing else self._batch_limit or self.batch_size
-        head: tuple[list[Message], bool] | None = None
-        token: bytes | _Unread | None = _UNREAD
         raw_lock = await read_blob(tr, self.keys.lock)
-        if raw_lock is None and self._together:
+        if raw_lock is not None:
+            record = _LockRecord.decode(raw_lock)
+            remaining = record.deadline - time.time()
+            if remaining > 0 and record.owner != self.owner:
+                return _Wait(tr.watch(self.keys.lock), remaining + 0.01, locked=True)
+            return await self._take_over(tr, record)
+        head: tuple[list[Message], bool] | None = None
+        if self._together:
             # One round trip instead of three (the push key is the baseline of
             # the watch armed when the batch empties the queue, else read at
             # commit). Not with the lock read: that one waits for a pooled
@@ -548,13 +545,9 @@ class Consumer:
                 read_head(tr, self.keys, limit, snapshot=not self._probing),
                 tr.get(self.keys.push, snapshot=True),
             )
-        if raw_lock is not None:
-            record = _LockRecord.decode(raw_lock)
-            remaining = record.deadline - time.time()
-            if remaining > 0 and record.owner != self.owner:
-                return _Wait(tr.watch(self.keys.lock), remaining + 0.01, locked=True)
-            return await self._take_over(tr, record)
-        current = await self._load_state(tr, token)
+        else:
+            token = await tr.get(self.keys.version)
+        current = await self._state_at(tr, token)
         if current is None:
             raise RuntimeError(f"tenant {self.tenant!r} has no state (was it deleted?)")
         if head is None:

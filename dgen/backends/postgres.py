@@ -530,8 +530,9 @@ async def _pooled(
         await _putconn(pool, conn)
 
 
-async def _assume_alive(conn: psycopg.AsyncConnection[Any]) -> None:
-    """A first step for :meth:`PostgresTransaction._checkout` that sends nothing."""
+async def _assume_alive(conn: psycopg.AsyncConnection[Any], prefix: str) -> None:
+    """A first step for :meth:`PostgresTransaction._checkout` that sends nothing
+    (never given a parked connection, so there is no ``prefix`` to send)."""
 
 
 # A read waiting to be sent: its statement, parameters and reader's future.
@@ -575,23 +576,35 @@ class PostgresTransaction(BufferedTransaction):
         # readers gone) must not take a connection after that.
         self._ending = False
 
-    async def _checkout(self, first: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
-        """Take a pooled connection and run ``first`` (its first round trip).
+    async def _checkout(
+        self,
+        first: Callable[[psycopg.AsyncConnection[Any], str], Awaitable[T]],
+        parked: psycopg.AsyncConnection[Any] | None = None,
+    ) -> T:
+        """Take a connection and run ``first(conn, prefix)`` (its first round
+        trip): ``parked`` if given (see :meth:`PostgresDatabase.park`), with
+        ``prefix`` "ROLLBACK; " to end its old snapshot in that round trip,
+        else a pooled one, with "".
 
-        A pooled connection may have died with a server restart; nothing has
-        happened yet when the first round trip fails, so try fresh ones.
+        A connection may have died with a server restart (in the pool or
+        parked); nothing has happened yet when the first round trip fails, so
+        try fresh ones.
         """
         db = self._db
         for attempt in range(db.pool_size + 1):
-            with _errors(db.url):
-                conn = await _getconn(db.pool)
-            if not _looks_alive(conn) and attempt < db.pool_size:
-                await conn.close()
-                await _putconn(db.pool, conn)  # the pool drops it
-                continue
+            prefix = ""
+            if parked is not None:
+                conn, parked, prefix = parked, None, "ROLLBACK; "
+            else:
+                with _errors(db.url):
+                    conn = await _getconn(db.pool)
+                if not _looks_alive(conn) and attempt < db.pool_size:
+                    await conn.close()
+                    await _putconn(db.pool, conn)  # the pool drops it
+                    continue
             self._conn, self._open_tx = conn, True
             try:
-                return await first(conn)
+                return await first(conn, prefix)
             except psycopg.OperationalError as exc:
                 if attempt == db.pool_size or not conn.closed:
                     raise _map_error(exc, db.url) from exc
@@ -667,7 +680,11 @@ class PostgresTransaction(BufferedTransaction):
         if self._conn is None:
             self._beginning = db.loop.create_future()
             try:
-                rows = await self._begin_reading(reads)
+                # On a parked connection if there is one, ending its old
+                # snapshot in the same round trip; else on a pooled one.
+                rows = await self._checkout(
+                    lambda conn, prefix: self._begin_with(conn, reads, prefix), db.unpark()
+                )
             finally:
                 self._beginning.set_result(None)
                 self._beginning = None
@@ -685,33 +702,14 @@ class PostgresTransaction(BufferedTransaction):
             cur = await conn.execute(_literal(conn, reads), prepare=False)
             return await _results(cur, len(reads))
 
-    async def _begin_reading(self, reads: list[tuple[str, tuple[Any, ...]]]) -> list[list[Any]]:
-        """Begin the snapshot on a connection and run ``reads``: on a parked
-        one (see :meth:`PostgresDatabase.park`) if there is one, ending its
-        old snapshot in the same round trip; else on one from the pool."""
-        db = self._db
-        conn = db.unpark()
-        if conn is not None:
-            self._conn, self._open_tx = conn, True
-            try:
-                return await self._begin_with(conn, reads, "ROLLBACK; ")
-            except psycopg.OperationalError as exc:
-                if not conn.closed:
-                    raise _map_error(exc, db.url) from exc
-                # Died while parked (a server restart): nothing happened yet.
-                self._conn, self._open_tx = None, False
-                await _putconn(db.pool, conn)
-            except psycopg.Error as exc:
-                raise _map_error(exc, db.url) from exc
-        return await self._checkout(lambda conn: self._begin_with(conn, reads))
-
     async def _begin_with(
         self,
         conn: psycopg.AsyncConnection[Any],
         reads: list[tuple[str, tuple[Any, ...]]],
-        prefix: str = "",
+        prefix: str,
     ) -> list[list[Any]]:
-        """Begin the snapshot, read its version and run ``reads``, one round trip."""
+        """Begin the snapshot (after ``prefix``), read its version and run
+        ``reads``, one round trip."""
         self._db.read_statements += 1
         cur = await conn.execute(prefix + self._db.sql.begin_read + "; " + _literal(conn, reads))
         while cur.description is None:  # skip BEGIN's result
@@ -744,12 +742,7 @@ class PostgresTransaction(BufferedTransaction):
         buf = self.buffer
         if buf.is_empty():
             return None  # a snapshot read needs no validation (as in FoundationDB)
-        # A batch of reads whose readers left may still be out, or still to be
-        # sent: let it end (or refuse it) before the connection is parked, or
-        # it would begin a snapshot on the parked connection and lose it.
-        self._ending = True
-        if self._serving:
-            await asyncio.wait(self._serving)
+        await self._settle_reads()
         clears: list[bytes] = []
         set_keys: list[bytes] = []
         set_values: list[bytes] = []
@@ -835,10 +828,17 @@ class PostgresTransaction(BufferedTransaction):
         with contextlib.suppress(RuntimeError):  # the loop is closed
             loop.call_soon_threadsafe(self._db.release_later, self._conn, self._open_tx)
 
-    async def _release(self) -> None:
+    async def _settle_reads(self) -> None:
+        """The transaction is ending: refuse batches of reads not sent yet and
+        wait for those in flight (their readers may have left). Else such a
+        batch could begin a snapshot on a connection parked meanwhile and
+        lose it."""
         self._ending = True
-        if self._serving:  # a batch of reads whose readers left is still out
+        if self._serving:
             await asyncio.wait(self._serving)
+
+    async def _release(self) -> None:
+        await self._settle_reads()
         conn, self._conn = self._conn, None
         if conn is None:
             return
