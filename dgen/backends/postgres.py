@@ -166,8 +166,8 @@ CREATE TABLE IF NOT EXISTS {s}.dgen_clock (
     pruned bigint NOT NULL
 );
 INSERT INTO {s}.dgen_clock VALUES (1, 0, 0) ON CONFLICT DO NOTHING;
--- Unlogged: a server crash empties it, and ends every transaction whose
--- snapshot it could still have to validate.
+-- Unlogged: saves WAL on every commit; a crash empties it (see the sentinel
+-- in dgen_commit).
 CREATE UNLOGGED TABLE IF NOT EXISTS {s}.dgen_log (
     version bigint NOT NULL,
     rbegin bytea NOT NULL,
@@ -193,6 +193,27 @@ BEGIN
     END LOOP;
     RETURN r;
 END $$;
+INSERT INTO {s}.dgen_meta VALUES ('schema_version', '1') ON CONFLICT DO NOTHING;
+"""
+
+# dgen_log is UNLOGGED: a server crash (or a failover to a standby) empties
+# it, losing the entries that transactions still open, whose snapshots
+# predate the crash, must be validated against. A sentinel row (version -1,
+# an empty range that overlaps nothing) marks a log that survived: a commit
+# that finds it missing moves ``pruned`` up to the version before its own,
+# so every older snapshot gets a ConflictError (it is retried), and puts it
+# back. Every commit checks (one index probe): a write-only commit after the
+# crash restores it too, so a snapshot taken after the crash never fails.
+# Pruning keeps the sentinel.
+_SENTINEL_CHECK = """
+    IF NOT EXISTS (SELECT 1 FROM {s}.dgen_log WHERE version = -1) THEN
+        p := greatest(p, {v} - 1);
+        UPDATE {s}.dgen_clock SET pruned = p WHERE id = 1;
+        INSERT INTO {s}.dgen_log VALUES (-1, '\\x', '\\x');
+    END IF;"""
+
+_COMMIT_DDL = (
+    """
 CREATE OR REPLACE FUNCTION {s}.dgen_commit(
     read_version bigint, rb bytea[], re bytea[],
     cb bytea[], ce bytea[], ck bytea[], sk bytea[], sv bytea[],
@@ -208,6 +229,7 @@ BEGIN
     -- The clock row's lock serializes committers of this store until COMMIT.
     UPDATE {s}.dgen_clock SET version = version + 1 WHERE id = 1 RETURNING version, pruned
         INTO v, p;
+{crash_check}
     IF cardinality(rb) > 0 THEN
         IF read_version < p THEN
             RAISE EXCEPTION 'dgen: the transaction stayed open while more than % commits landed',
@@ -248,14 +270,14 @@ BEGIN
             SELECT overlay(k PLACING stamp FROM o + 1 FOR 10) FROM unnest(tk, toff) AS t(k, o)
         ) AS s(f);
     IF v % prune_every = 0 AND v > log_window THEN
-        EXECUTE format('DELETE FROM %I.dgen_log WHERE version <= $1', {sl})
+        EXECUTE format('DELETE FROM %I.dgen_log WHERE version BETWEEN 0 AND $1', {sl})
             USING v - log_window;
         UPDATE {s}.dgen_clock SET pruned = v - log_window WHERE id = 1;
     END IF;
     RETURN v;
 END $$;
-INSERT INTO {s}.dgen_meta VALUES ('schema_version', '1') ON CONFLICT DO NOTHING;
 """
+).replace("{crash_check}", _SENTINEL_CHECK.format(s="{s}", v="v"))
 
 # Group commit: the commits of several transactions in one statement, so one
 # clock-lock acquisition and one WAL flush. Added alongside dgen_commit (an
@@ -294,6 +316,7 @@ BEGIN
     -- that commit get the versions v0 + 1, v0 + 2, ... in order.
     UPDATE {s}.dgen_clock SET version = version + n WHERE id = 1
         RETURNING version - n, pruned INTO v0, p;
+{crash_check}
     v := v0;
     FOR i IN 1 .. n LOOP
         c_r := coalesce(nr[i], 0); c_c := coalesce(nc[i], 0); c_k := coalesce(nk[i], 0);
@@ -373,20 +396,17 @@ BEGIN
         UPDATE {s}.dgen_clock SET version = v WHERE id = 1;  -- no gaps for conflicted members
     END IF;
     IF v / prune_every > v0 / prune_every AND v > log_window THEN
-        EXECUTE format('DELETE FROM %I.dgen_log WHERE version <= $1', {sl})
+        EXECUTE format('DELETE FROM %I.dgen_log WHERE version BETWEEN 0 AND $1', {sl})
             USING v - log_window;
         UPDATE {s}.dgen_clock SET pruned = v - log_window WHERE id = 1;
     END IF;
     RETURN result;
 END $$;
--- A store made before version 2 gets the same setting on dgen_commit.
-ALTER FUNCTION {s}.dgen_commit(
-    bigint, bytea[], bytea[], bytea[], bytea[], bytea[], bytea[], bytea[], bytea[], numeric[],
-    bytea[], int[], bytea[], bigint, bigint
-) SET enable_seqscan = off;
-COMMENT ON FUNCTION {s}.dgen_commit_group IS 'dgen group commit 2';
-"""
-_GROUP_VERSION = "dgen group commit 2"  # the COMMENT above: a changed body bumps it
+COMMENT ON FUNCTION {s}.dgen_commit_group IS 'dgen group commit 3';
+""".replace("{crash_check}", _SENTINEL_CHECK.format(s="{s}", v="v0 + 1"))
+# The COMMENT above: a changed body of either commit function bumps it (2:
+# enable_seqscan off; 3: the crash sentinel), and opening a store replaces both.
+_GROUP_VERSION = "dgen group commit 3"
 
 LOG_WINDOW = 100_000
 """Commits the conflict log remembers. A transaction that stays open while
@@ -403,8 +423,8 @@ class _SQL:
         def q(text: str) -> str:
             return sql.SQL(text).format(s=s, sl=sql.Literal(schema)).as_string()
 
-        self.ddl = q(_DDL + _GROUP_DDL)
-        self.group_ddl = q(_GROUP_DDL)
+        self.ddl = q(_DDL + _COMMIT_DDL + _GROUP_DDL)
+        self.group_ddl = q(_COMMIT_DDL + _GROUP_DDL)
         # The group function's version (its comment); NULL if it is missing.
         self.has_group = q(
             "SELECT obj_description(to_regprocedure(quote_ident({sl}) || '."
@@ -790,23 +810,32 @@ class PostgresTransaction(BufferedTransaction):
         # One statement, which runs as its own transaction (sessions default
         # to READ COMMITTED): it validates, applies, commits and (by default)
         # notifies; with group commit, possibly for other transactions too.
-        # Not pipelined with the ROLLBACK of the read snapshot: psycopg's
-        # pipeline costs more time than the round trip it saves
-        # (docs/postgres.md).
-        if not read:
+        reader = self._conn
+        conn: psycopg.AsyncConnection[Any] | None = None
+        if db.committer.enabled:
+            # The committer has its own connection: end the snapshot in the
+            # next reader's first round trip (parked), or else alongside the
+            # commit (the snapshot holds no locks).
+            if reader is not None:
+                self._conn, self._open_tx = None, False
+                if not db.park(reader):
+                    db.release_later(reader, open_tx=True)
+        elif not read:
             await self._checkout(_assume_alive)  # write-only: no snapshot to end
-        elif self._conn is not None and db.park(self._conn):
+            conn = self._conn
+        elif reader is not None and db.park(reader):
             # Its snapshot ends in the next reader's first round trip; the
             # commit goes out on a clean connection, one round trip sooner.
             self._conn, self._open_tx = None, False
             await self._checkout(_assume_alive)
+            conn = self._conn
         else:
-            reader = self._conn
+            # Not pipelined with the commit: psycopg's pipeline costs more
+            # time than the round trip it saves (docs/postgres.md).
             assert reader is not None
             with _errors(db.url, reader):
                 await reader.execute("ROLLBACK", prepare=False)  # nothing applied yet
-        conn = self._conn
-        assert conn is not None
+            conn = reader
         self._open_tx = False
         member = _Member(
             conn, params, raw, self._read_version, hashes, written, cleared, stamped, buf.size
@@ -869,12 +898,12 @@ class _Member:
 
     __slots__ = (
         "cleared", "conn", "hashes", "params", "raw", "read_version", "result", "size",
-        "stamped", "task", "written",
+        "stamped", "written",
     )  # fmt: skip
 
     def __init__(
         self,
-        conn: psycopg.AsyncConnection[Any],
+        conn: psycopg.AsyncConnection[Any] | None,
         params: dict[str, Any],
         raw: dict[str, list[Any]],
         read_version: int,
@@ -884,7 +913,7 @@ class _Member:
         stamped: list[tuple[bytes, int, bytes]],
         size: int,
     ) -> None:
-        self.conn = conn  # the transaction's own connection, idle now
+        self.conn = conn  # group_commit=off: the transaction's own connection
         self.params = params  # for a lone dgen_commit
         self.raw = raw  # the same arrays, for concatenation into a group
         self.read_version = read_version
@@ -894,79 +923,97 @@ class _Member:
         self.stamped = stamped
         self.size = size + sum(len(b) + len(e) for b, e in zip(raw["rb"], raw["re"], strict=True))
         self.result: asyncio.Future[int] | None = None  # set when queued
-        # The task that sends a statement on ``conn`` for this member while
-        # the member waits: a cancelled member keeps its connection until
-        # that task is done.
-        self.task: asyncio.Task[None] | None = None
-
-
-async def _outlive(task: asyncio.Task[None]) -> None:
-    """Wait for ``task`` to end, even through cancellations."""
-    while not task.done():
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait([task])
 
 
 class _GroupCommit:
     """Sends a database object's commits, grouping concurrent ones.
 
-    A commit that finds no statement in flight goes out at once, alone
-    (``dgen_commit``, as without grouping). Commits arriving while one is in
-    flight queue, and go out together as the next statement
-    (``dgen_commit_group``): one round trip, one clock-lock acquisition, one
-    WAL flush. The next group is sent on its first member's connection.
-    With ``group_commit=off`` every commit goes out at once, alone.
+    Commit statements go out one at a time, from one task, on a connection
+    of the committer's own outside the pool (as SQLite's writer thread has
+    its own): a transaction needs no pooled connection to commit, so a
+    write-only one never takes one and one that read gives its connection
+    back before its commit is sent. A commit that finds no statement in
+    flight goes out at once, alone (``dgen_commit``, as without grouping).
+    Commits arriving while one is in flight queue, and go out together as the
+    next statement (``dgen_commit_group``): one round trip, one clock-lock
+    acquisition, one WAL flush. With ``group_commit=off`` every commit goes
+    out at once, alone, on its transaction's pooled connection.
 
     Counters, for tests and benchmarks: ``statements`` (commit statements
     sent), ``groups`` (of them, with more than one member), ``grouped``
-    (members sent in groups).
+    (members sent in groups), ``connects`` (connections the committer made).
     """
 
     def __init__(self, db: PostgresDatabase, enabled: bool) -> None:
         self.db = db
         self.enabled = enabled
-        self._busy = False
         self._queue: collections.deque[_Member] = collections.deque()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._busy = False  # a statement is being sent, or the task runs
+        self._task: asyncio.Task[None] | None = None
+        self._conn: psycopg.AsyncConnection[Any] | None = None
         self.statements = 0
         self.groups = 0
         self.grouped = 0
+        self.connects = 0
 
     @property
     def queued(self) -> int:
         """Commits waiting for the statement in flight to finish."""
         return len(self._queue)
 
+    @property
+    def backend_pid(self) -> int | None:
+        """The server process of the committer's connection, if it has one."""
+        conn = self._conn
+        return None if conn is None or conn.closed else conn.info.backend_pid
+
     async def commit(self, member: _Member) -> int:
-        """Commit ``member``; its version, or the error of a lone commit."""
+        """Commit ``member``; its version, or the error of its commit.
+
+        Cancelled while queued, it is never sent. Cancelled while its
+        statement is in flight, it may or may not have been applied, as for
+        any cancelled commit: a group's statement (the committer's task
+        sends it) runs on, so the others in it still get their results; a
+        lone commit sent by its own task is cancelled on the server too."""
         if not self.enabled:
-            return self._unwrap((await self._send([member], member.conn))[0])
+            assert member.conn is not None
+            outcome = (await self._send([member], member.conn))[0]
+            if isinstance(outcome, StoreError):
+                raise outcome
+            return outcome
+        if self.db.closed:
+            raise UnavailableError(f"{self.db.url} was closed")
         if not self._busy:
+            # Nothing in flight: send it from this task, at once (a task of
+            # the committer's would cost two event-loop turns per commit).
             self._busy = True
             try:
-                return self._unwrap((await self._send([member], member.conn))[0])
+                outcome = (await self._send([member], await self._connection()))[0]
             finally:
-                self._next()
-        member.result = asyncio.get_running_loop().create_future()
+                if self._queue:
+                    self._start()
+                else:
+                    self._busy = False
+            if isinstance(outcome, StoreError):
+                raise outcome
+            return outcome
+        member.result = self.db.loop.create_future()
         self._queue.append(member)
         try:
             return await member.result
         except asyncio.CancelledError:
             if member in self._queue:
                 self._queue.remove(member)  # never sent
-            elif member.task is not None and member.task is not asyncio.current_task():
-                await _outlive(member.task)  # a statement is using its connection
-            if member.result.done() and not member.result.cancelled():
+            elif member.result.done() and not member.result.cancelled():
                 member.result.exception()  # retrieved
             raise
 
-    def _unwrap(self, outcome: int | StoreError) -> int:
-        if isinstance(outcome, StoreError):
-            raise outcome
-        return outcome
+    def _start(self) -> None:
+        """Send the queued commits from the committer's task."""
+        self._task = asyncio.create_task(self._run(), name="dgen-postgres-committer")
 
-    def _next(self) -> None:
-        """The statement in flight is done: send the queued commits."""
+    def _take(self) -> list[_Member]:
+        """The next statement's members: the queue's head, within the limits."""
         batch: list[_Member] = []
         size = 0
         queue = self._queue
@@ -976,53 +1023,78 @@ class _GroupCommit:
             member = queue.popleft()
             batch.append(member)
             size += member.size
-        if not batch:
-            self._busy = False
-            return
-        task = asyncio.create_task(self._run(batch), name="dgen-postgres-group-commit")
-        batch[0].task = task
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        return batch
 
-    async def _run(self, batch: list[_Member]) -> None:
-        # Members cancelled before anything was sent drop out; the first
-        # member's connection carries the statement (it waits for us even if
-        # cancelled).
-        members = [m for m in batch if m.result is not None and not m.result.done()]
-        carrier: _Member | None = batch[0]
-        if members and not _looks_alive(batch[0].conn):
-            # Its connection died while it queued (a server restart) and has
-            # sent nothing: carry the statement on another member's, so that
-            # a lost connection means CommitUnknownError only when it was lost
-            # with the statement on it.
-            carrier = next((m for m in members if _looks_alive(m.conn)), None)
-            if carrier is not None:
-                carrier.task = asyncio.current_task()  # it waits for us now
+    async def _run(self) -> None:
+        """Send statements until the queue is empty."""
+        batch: list[_Member] = []
         try:
-            if carrier is None:
-                outcomes: list[int | StoreError] = [
-                    ConflictError(
-                        f"lost the connection to {self.db.url.render(hide_password=True)} "
-                        "before commit; nothing was applied and a new transaction may retry"
-                    )
-                    for _ in members
-                ]
-            else:
-                outcomes = await self._send(members, carrier.conn) if members else []
-            for member, outcome in zip(members, outcomes, strict=True):
-                future = member.result
-                assert future is not None
-                if future.done():
-                    continue
-                if isinstance(outcome, StoreError):
-                    future.set_exception(outcome)
+            while batch := self._take():
+                members = [m for m in batch if m.result is not None and not m.result.done()]
+                if not members:
+                    continue  # all cancelled meanwhile
+                try:
+                    conn = await self._connection()
+                except StoreError as exc:
+                    outcomes: list[int | StoreError] = [exc]
+                    for _ in members[1:]:  # one exception object per waiting task
+                        outcomes.append(UnavailableError(str(exc)))
                 else:
-                    future.set_result(outcome)
+                    outcomes = await self._send(members, conn)
+                for member, outcome in zip(members, outcomes, strict=True):
+                    future = member.result
+                    assert future is not None
+                    if future.done():
+                        continue  # its committer left
+                    if isinstance(outcome, StoreError):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
+                if not self._queue:
+                    # One turn for the members just answered: a producer's
+                    # next commit then joins the next group instead of
+                    # going out alone ahead of it.
+                    await asyncio.sleep(0)
         finally:
-            for member in members:
+            self._task, self._busy = None, False
+            # Only if cancelled (closing): nobody will send what is left.
+            for member in [*batch, *self._queue]:
                 if member.result is not None and not member.result.done():
-                    member.result.cancel()  # only if _send itself failed
-            self._next()
+                    member.result.set_exception(UnavailableError(f"{self.db.url} was closed"))
+            self._queue.clear()
+
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        """The committer's connection, connecting anew if it was lost (a
+        server restart; checked without a round trip, as a pooled one is).
+
+        Connecting is retried for ``connect_timeout``, as the pool waits for
+        a connection; nothing has been sent, so the error is not
+        CommitUnknownError."""
+        conn = self._conn
+        if conn is not None:
+            if not conn.closed and _looks_alive(conn):
+                return conn
+            self._conn = None
+            await conn.close()
+        db = self.db
+        deadline = db.loop.time() + db.timeout
+        delay = 0.05
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True)
+            except (psycopg.Error, OSError) as exc:
+                if db.loop.time() + delay > deadline or db.closed:
+                    raise UnavailableError(
+                        f"PostgreSQL at {db.url.render(hide_password=True)} is unavailable: "
+                        f"the committer could not connect for {db.timeout:g} s "
+                        f"(connect_timeout); nothing was applied: {_clean(exc, db.url)}"
+                    ) from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            self.connects += 1
+            self._conn = conn
+            return conn
 
     async def _send(
         self, members: list[_Member], conn: psycopg.AsyncConnection[Any]
@@ -1049,15 +1121,12 @@ class _GroupCommit:
                 # Not a conflict (those come back as NULL): maybe one member's
                 # fault, so each one alone, that it cannot fail the others.
                 log.debug("group commit failed, committing one by one: %s", _clean(exc, db.url))
-                current = asyncio.current_task()
                 outcomes: list[int | StoreError] = []
                 for member in members:
                     if member.result is not None and member.result.done():
                         outcomes.append(ConflictError("cancelled"))  # nobody waits for it
-                        continue
-                    if current is not None and member.result is not None:
-                        member.task = current  # we use its connection now
-                    outcomes += await self._send([member], member.conn)
+                    else:
+                        outcomes += await self._send([member], conn)
                 return outcomes
             assert row is not None
             outcomes = []
@@ -1077,6 +1146,9 @@ class _GroupCommit:
         try:
             cur = await conn.execute(statement, member.params, prepare=True)
             row = await cur.fetchone()
+        except asyncio.CancelledError:
+            db.watches.unknown_commit()  # it may have been applied, unannounced
+            raise
         except psycopg.Error as exc:
             lost = isinstance(exc, psycopg.OperationalError)
             if lost:
@@ -1108,10 +1180,22 @@ class _GroupCommit:
             params["hashes"] = [m.hashes for m in members]
         return params
 
-    async def wait(self) -> None:
-        """Let the statements in flight finish (closing)."""
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=5.0)
+    async def close(self) -> None:
+        """Send what is queued (for at most 5 s), then close the connection."""
+        loop = self.db.loop
+        deadline = loop.time() + 5.0
+        while self._busy and loop.time() < deadline:
+            if self._task is not None:
+                await asyncio.wait([self._task], timeout=deadline - loop.time())
+            else:
+                await asyncio.sleep(0.01)  # a lone commit in flight
+        task = self._task
+        if task is not None:
+            task.cancel()  # its members get UnavailableError
+            await asyncio.wait([task])
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
 
 
 # -- watches ------------------------------------------------------------------
@@ -1470,8 +1554,10 @@ class PostgresDatabase(Database):
         poll_interval: float,
         notify: str = "after",
         group_commit: bool = True,
+        timeout: float = 10.0,
     ) -> None:
         self.url = url
+        self.timeout = timeout  # connect_timeout: waiting for a connection
         self.conninfo = conninfo
         self.schema = schema
         self.sql = _SQL(schema)
@@ -1488,7 +1574,9 @@ class PostgresDatabase(Database):
         self._unpark_timer: asyncio.TimerHandle | None = None
 
     def release_later(self, conn: psycopg.AsyncConnection[Any], open_tx: bool) -> None:
-        """Return the connection of a transaction that was garbage-collected."""
+        """Return ``conn`` to the pool from a task of its own, ending its
+        transaction first if ``open_tx``: the connection of a transaction that
+        was garbage-collected, or of one whose commit the committer sends."""
 
         async def release() -> None:
             try:
@@ -1540,6 +1628,10 @@ class PostgresDatabase(Database):
         for conn in parked:
             self.release_later(conn, open_tx=True)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def create_transaction(self) -> PostgresTransaction:
         if self._closed:
             raise UnavailableError(f"{self.url} was closed")
@@ -1553,7 +1645,7 @@ class PostgresDatabase(Database):
             self._unpark_timer.cancel()
             self._unpark_timer = None
         self._closed = True
-        await self.committer.wait()
+        await self.committer.close()
         await self.watches.stop()
         if self._releases:
             await asyncio.wait(self._releases, timeout=5.0)
@@ -1663,7 +1755,17 @@ async def _prepare_schema(conn: psycopg.AsyncConnection[Any], q: _SQL, schema: s
                 await conn.execute(q.group_ddl)
     except psycopg.errors.InsufficientPrivilege as exc:
         if old is not None:
-            return True  # an older body of the same function: still correct
+            # An older body of the functions: they commit correctly, but
+            # without the crash sentinel (_SENTINEL_CHECK).
+            log.warning(
+                "schema %r has older DGen commit functions (%s) and this role may not "
+                "replace them (%s); open the store once as its owner: until then a "
+                "transaction open across a server crash can commit a lost update",
+                schema,
+                old,
+                str(exc).strip(),
+            )
+            return True
         log.warning(
             "group commit is off for schema %r: it has no dgen_commit_group and this role "
             "may not create it (%s); open the store once as its owner",
@@ -1702,6 +1804,8 @@ async def open_database(url: URL) -> PostgresDatabase:
     except BaseException:
         await pool.close()
         raise
-    db = PostgresDatabase(url, conninfo, schema, pool, pool_size, poll, notify, group)
+    db = PostgresDatabase(
+        url, conninfo, schema, pool, pool_size, poll, notify, group, float(timeout)
+    )
     db.watches.start()
     return db
