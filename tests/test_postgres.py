@@ -31,6 +31,7 @@ from pgserver import (
     schema_url,
     start_cluster,
 )
+from psycopg import sql
 
 import dgen
 from dgen.backends import postgres
@@ -464,6 +465,46 @@ async def test_a_snapshot_older_than_a_server_crash_conflicts(first_after: str) 
             assert await db.run(_get(b"k")) == b"2"
     finally:
         await asyncio.to_thread(cluster.destroy)
+
+
+async def test_a_crash_that_lost_commits_does_not_reuse_their_versions(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a crash with synchronous_commit=off (or a failover to an
+    asynchronous standby) leaves, made directly: the conflict log emptied
+    and the clock 5 commits back, below the version a live snapshot read
+    at. The next commit moves the clock far past every version handed out
+    before, so that snapshot conflicts instead of being validated against
+    commits that reuse its versions; pruning (here every 4 commits, keeping
+    8) never lowers the mark again."""
+    monkeypatch.setattr(postgres, "LOG_WINDOW", 8)
+    monkeypatch.setattr(postgres, "_PRUNE_EVERY", 4)
+    async with dgen.connect(url) as db:
+        assert isinstance(db, postgres.PostgresDatabase)
+        for i in range(10):
+            await db.run(_set(b"k", b"%d" % i))
+        stale = db.create_transaction()
+        assert await stale.get(b"k") == b"9"
+        assert isinstance(stale, postgres.PostgresTransaction)
+        seen = stale._read_version
+        schema = sql.Identifier(db.schema)
+        with psycopg.connect(db.conninfo, autocommit=True) as admin:
+            admin.execute(sql.SQL("TRUNCATE {}.dgen_log").format(schema))
+            admin.execute(sql.SQL("UPDATE {}.dgen_clock SET version = version - 5").format(schema))
+            await db.run(_set(b"k", b"after the crash"))  # it would reuse a version <= seen
+            marks = []
+            for i in range(12):  # three prunes
+                await db.run(_set(b"other", b"%d" % i))
+                row = admin.execute(
+                    sql.SQL("SELECT version, pruned FROM {}.dgen_clock").format(schema)
+                ).fetchone()
+                assert row is not None
+                marks.append(row[1])
+        assert marks == sorted(marks) and marks[0] > seen, (seen, marks)
+        stale.set(b"k", b"lost update")
+        with pytest.raises(ConflictError, match="older than the conflict log"):
+            await stale.commit()
+        assert await db.run(_get(b"k")) == b"after the crash"
 
 
 # -- ordered-commit keys ----------------------------------------------------------

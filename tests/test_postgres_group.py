@@ -471,6 +471,87 @@ async def test_cancelled_members_do_not_break_their_group(url: str) -> None:
         await db.run(_set(b"after", b"1"))
 
 
+# -- closing ----------------------------------------------------------------------
+
+
+async def test_closing_with_a_lone_commit_stuck_fails_it_as_unknown_and_sends_no_more(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aclose waits for the commits being sent, then gives up: the lone
+    commit still out (blocked on a row lock) gets CommitUnknownError, the
+    commits queued behind it UnavailableError, and nothing is sent on a new
+    connection after the close."""
+    monkeypatch.setattr(postgres, "_CLOSE_GRACE", 0.3)
+    db = await dgen.connect(url)
+    assert isinstance(db, postgres.PostgresDatabase)
+    await db.run(_set(b"lock", b"0"))
+    q = _Queue(db)
+    async with _row_locked(db, b"lock"):
+        blocked = await q.blocker(b"lock")
+        for tr in _blind_writes(db, b"a", b"b"):
+            await q.add(tr)
+        await asyncio.wait_for(db.aclose(), WAIT)
+        done = await asyncio.wait_for(
+            asyncio.gather(blocked, *q.tasks, return_exceptions=True), WAIT
+        )
+    assert isinstance(done[0], CommitUnknownError), done
+    assert all(isinstance(d, dgen.UnavailableError) for d in done[1:]), done
+    await asyncio.sleep(0.2)
+    assert db.committer.connects == 1 and db.committer.backend_pid is None
+    async with dgen.connect(url) as check:
+        assert await _get(check, b"a") is None and await _get(check, b"b") is None
+
+
+async def test_closing_with_a_group_stuck_fails_its_members_as_unknown(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group statement still out when aclose gives up may have been
+    applied: its members get CommitUnknownError, not UnavailableError."""
+    monkeypatch.setattr(postgres, "_CLOSE_GRACE", 0.3)
+    db = await dgen.connect(url)
+    assert isinstance(db, postgres.PostgresDatabase)
+    await db.run(_set(b"lock", b"0"))
+    await db.run(_set(b"lock2", b"0"))
+    q = _Queue(db)
+    async with _row_locked(db, b"lock2"):
+        async with _row_locked(db, b"lock"):
+            blocked = await q.blocker(b"lock")
+            for key in (b"a", b"b"):
+                tr = db.create_transaction()
+                tr.set(key, b"v")
+                tr.set(b"lock2", key)  # the group then waits for lock2
+                await q.add(tr)
+        await asyncio.wait_for(blocked, WAIT)
+        await _backend_waiting(db, "dgen_commit_group")
+        await asyncio.wait_for(db.aclose(), WAIT)
+        done = await asyncio.wait_for(asyncio.gather(*q.tasks, return_exceptions=True), WAIT)
+    assert all(isinstance(d, CommitUnknownError) for d in done), done
+
+
+async def test_a_transaction_that_read_and_commits_after_close_gives_its_connection_back(
+    url: str,
+) -> None:
+    """Committing once the database is closing fails before the reading
+    connection is handed away, so the transaction's end rolls it back and
+    returns it (a closed pool closes it), instead of leaving it idle in a
+    transaction."""
+    db = await dgen.connect(url)
+    assert isinstance(db, postgres.PostgresDatabase)
+    tr = db.create_transaction()
+    await tr.get(b"k")
+    assert isinstance(tr, postgres.PostgresTransaction) and tr._conn is not None
+    reader = tr._conn
+    tr.set(b"k", b"v")
+    closing = asyncio.create_task(db.aclose())
+    await asyncio.sleep(0)  # the database is closing
+    with pytest.raises(dgen.UnavailableError, match="closed"):
+        await tr.commit()
+    await asyncio.wait_for(closing, WAIT)
+    assert reader.closed or reader.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    async with dgen.connect(url) as check:
+        assert await _get(check, b"k") is None
+
+
 # -- the option and the schema -------------------------------------------------
 
 
@@ -531,6 +612,28 @@ async def test_a_store_made_before_group_commit_gets_the_function(url: str) -> N
         await asyncio.wait_for(asyncio.gather(blocked, *q.tasks), WAIT)
         assert q.counts() == (2, 1, 2)
         assert await _get(db, b"a") == b"v" and await _get(db, b"k") == b"v"
+
+
+async def test_a_newer_dgens_commit_functions_are_not_replaced(url: str) -> None:
+    """Functions marked by a newer DGen stay as they are when this one opens
+    the store (older bodies are replaced, newer ones never downgraded)."""
+    async with dgen.connect(url) as db:
+        assert isinstance(db, postgres.PostgresDatabase)
+        newer = "dgen group commit 99"
+        async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
+            await conn.execute(
+                sql.SQL("COMMENT ON FUNCTION {}.dgen_commit_group IS {}").format(
+                    sql.Identifier(db.schema), sql.Literal(newer)
+                )
+            )
+    async with dgen.connect(url) as db:
+        assert isinstance(db, postgres.PostgresDatabase) and db.committer.enabled
+        async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
+            cur = await conn.execute(db.sql.has_group)
+            assert await cur.fetchone() == (newer,)
+        await db.run(_set(b"k", b"v"))
+    assert postgres._function_version(newer) == 99
+    assert postgres._function_version("older") == postgres._function_version(None) == 0
 
 
 async def test_a_role_that_may_not_create_the_function_commits_without_groups(

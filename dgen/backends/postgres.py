@@ -174,6 +174,8 @@ CREATE UNLOGGED TABLE IF NOT EXISTS {s}.dgen_log (
     rend bytea NOT NULL
 );
 CREATE INDEX IF NOT EXISTS dgen_log_version ON {s}.dgen_log (version);
+INSERT INTO {s}.dgen_log SELECT -1, '\\x', '\\x'
+    WHERE NOT EXISTS (SELECT 1 FROM {s}.dgen_log WHERE version = -1);
 CREATE OR REPLACE FUNCTION {s}.dgen_add(old bytea, delta numeric) RETURNS bytea
 LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
@@ -199,18 +201,27 @@ INSERT INTO {s}.dgen_meta VALUES ('schema_version', '1') ON CONFLICT DO NOTHING;
 # dgen_log is UNLOGGED: a server crash (or a failover to a standby) empties
 # it, losing the entries that transactions still open, whose snapshots
 # predate the crash, must be validated against. A sentinel row (version -1,
-# an empty range that overlaps nothing) marks a log that survived: a commit
-# that finds it missing moves ``pruned`` up to the version before its own,
-# so every older snapshot gets a ConflictError (it is retried), and puts it
-# back. Every commit checks (one index probe): a write-only commit after the
-# crash restores it too, so a snapshot taken after the crash never fails.
-# Pruning keeps the sentinel.
+# an empty range that overlaps nothing; inserted with the tables) marks a log
+# that survived. A commit that finds it missing moves the clock forward by
+# _CRASH_GAP and ``pruned`` up to just below its own version, so every older
+# snapshot gets a ConflictError (it is retried), and puts the sentinel back.
+# The gap: a crash that lost commits (synchronous_commit=off, a failover to an
+# asynchronous standby) restarts the clock below versions already handed out,
+# and those must neither pass the check nor be reused. Every commit checks
+# (one index probe), so the first commit after a crash, even a write-only
+# one, repairs it. Pruning keeps the sentinel and never lowers ``pruned``.
+_CRASH_GAP = 1 << 32
 _SENTINEL_CHECK = """
     IF NOT EXISTS (SELECT 1 FROM {s}.dgen_log WHERE version = -1) THEN
-        p := greatest(p, {v} - 1);
-        UPDATE {s}.dgen_clock SET pruned = p WHERE id = 1;
+        UPDATE {s}.dgen_clock SET version = version + {gap}, pruned = version + {gap} - {n}
+            WHERE id = 1 RETURNING {returning};
         INSERT INTO {s}.dgen_log VALUES (-1, '\\x', '\\x');
     END IF;"""
+
+
+def _sentinel_check(n: str, returning: str) -> str:
+    return _SENTINEL_CHECK.format(s="{s}", gap=_CRASH_GAP, n=n, returning=returning)
+
 
 _COMMIT_DDL = (
     """
@@ -232,8 +243,11 @@ BEGIN
 {crash_check}
     IF cardinality(rb) > 0 THEN
         IF read_version < p THEN
-            RAISE EXCEPTION 'dgen: the transaction stayed open while more than % commits landed',
-                log_window USING ERRCODE = '40001';
+            -- Too old to validate: NULL, not an error, so that a crash
+            -- repair above is kept (an error would undo it, and every
+            -- retry would repair and conflict again). No version is used.
+            UPDATE {s}.dgen_clock SET version = version - 1 WHERE id = 1;
+            RETURN NULL;
         END IF;
         -- EXECUTE plans for this read_version; a cached generic plan
         -- would scan the whole log.
@@ -272,12 +286,12 @@ BEGIN
     IF v % prune_every = 0 AND v > log_window THEN
         EXECUTE format('DELETE FROM %I.dgen_log WHERE version BETWEEN 0 AND $1', {sl})
             USING v - log_window;
-        UPDATE {s}.dgen_clock SET pruned = v - log_window WHERE id = 1;
+        UPDATE {s}.dgen_clock SET pruned = greatest(pruned, v - log_window) WHERE id = 1;
     END IF;
     RETURN v;
 END $$;
 """
-).replace("{crash_check}", _SENTINEL_CHECK.format(s="{s}", v="v"))
+).replace("{crash_check}", _sentinel_check("1", "version, pruned INTO v, p"))
 
 # Group commit: the commits of several transactions in one statement, so one
 # clock-lock acquisition and one WAL flush. Added alongside dgen_commit (an
@@ -398,15 +412,26 @@ BEGIN
     IF v / prune_every > v0 / prune_every AND v > log_window THEN
         EXECUTE format('DELETE FROM %I.dgen_log WHERE version BETWEEN 0 AND $1', {sl})
             USING v - log_window;
-        UPDATE {s}.dgen_clock SET pruned = v - log_window WHERE id = 1;
+        UPDATE {s}.dgen_clock SET pruned = greatest(pruned, v - log_window) WHERE id = 1;
     END IF;
     RETURN result;
 END $$;
-COMMENT ON FUNCTION {s}.dgen_commit_group IS 'dgen group commit 3';
-""".replace("{crash_check}", _SENTINEL_CHECK.format(s="{s}", v="v0 + 1"))
+COMMENT ON FUNCTION {s}.dgen_commit_group IS 'dgen group commit 4';
+""".replace("{crash_check}", _sentinel_check("n", "version - n, pruned INTO v0, p"))
 # The COMMENT above: a changed body of either commit function bumps it (2:
-# enable_seqscan off; 3: the crash sentinel), and opening a store replaces both.
-_GROUP_VERSION = "dgen group commit 3"
+# enable_seqscan off; 4: the crash sentinel), and opening a store replaces
+# older bodies of both (never newer ones: see _function_version).
+_GROUP_VERSION = "dgen group commit 4"
+
+
+def _function_version(comment: str | None) -> int:
+    """The body version in a commit function's comment; 0 if none or unknown."""
+    prefix = "dgen group commit "
+    if comment is None or not comment.startswith(prefix):
+        return 0
+    number = comment[len(prefix) :]
+    return int(number) if number.isdigit() else 0
+
 
 LOG_WINDOW = 100_000
 """Commits the conflict log remembers. A transaction that stays open while
@@ -451,9 +476,12 @@ class _SQL:
             " %(cb)b::bytea[], %(ce)b::bytea[], %(ck)b::bytea[], %(sk)b::bytea[],"
             " %(sv)b::bytea[], %(ak)b::bytea[], %(ad)s::numeric[], %(tk)b::bytea[],"
             " %(to)b::int[], %(tv)b::bytea[], %(lw)b::bigint, %(pe)b::bigint) AS v) AS c"
+            " WHERE c.v IS NOT NULL"
         )
         # notify=after: the commit alone; a background task notifies.
-        self.commit_only = self.commit[self.commit.index("FROM (SELECT ") + 6 : -len(" AS v) AS c")]
+        self.commit_only = self.commit[
+            self.commit.index("FROM (SELECT ") + 6 : -len(" AS v) AS c WHERE c.v IS NOT NULL")
+        ]
         # Group commit: notifications (notify=commit) are sent by the function.
         self.commit_group = q(
             "SELECT {s}.dgen_commit_group(%(rv)b::bigint[], %(nr)b::int[], %(rb)b::bytea[],"
@@ -763,6 +791,10 @@ class PostgresTransaction(BufferedTransaction):
         if buf.is_empty():
             return None  # a snapshot read needs no validation (as in FoundationDB)
         await self._settle_reads()
+        db = self._db
+        if db.closed:
+            # Before the reader is handed away: _release gives it back.
+            raise UnavailableError(f"{db.url} was closed; nothing was applied")
         clears: list[bytes] = []
         set_keys: list[bytes] = []
         set_values: list[bytes] = []
@@ -781,7 +813,6 @@ class PostgresTransaction(BufferedTransaction):
         begins, ends = _merge(self.read_ranges) if read else ([], [])
         cleared = list(buf.cleared)
         written = [*clears, *set_keys, *add_keys]
-        db = self._db
         watches = db.watches
         stamped = buf.stamped
         raw: dict[str, list[Any]] = {
@@ -890,6 +921,11 @@ _PARKED_SECONDS = 0.01
 # -- group commit -------------------------------------------------------------
 
 _GROUP_MAX_MEMBERS = 64
+_CLOSE_GRACE = 5.0
+_TOO_OLD = (
+    f"older than the conflict log: it stayed open while more than {LOG_WINDOW:,} commits "
+    "landed, or the server crashed since it began"
+)  # seconds closing waits for the commits being sent
 _GROUP_MAX_BYTES = 1 << 20  # buffered writes of one group statement
 
 
@@ -949,6 +985,7 @@ class _GroupCommit:
         self.enabled = enabled
         self._queue: collections.deque[_Member] = collections.deque()
         self._busy = False  # a statement is being sent, or the task runs
+        self._closed = False
         self._task: asyncio.Task[None] | None = None
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self.statements = 0
@@ -990,10 +1027,11 @@ class _GroupCommit:
             try:
                 outcome = (await self._send([member], await self._connection()))[0]
             finally:
-                if self._queue:
+                if self._queue and not self._closed:
                     self._start()
                 else:
                     self._busy = False
+                    self._fail_queued()
             if isinstance(outcome, StoreError):
                 raise outcome
             return outcome
@@ -1027,7 +1065,7 @@ class _GroupCommit:
 
     async def _run(self) -> None:
         """Send statements until the queue is empty."""
-        batch: list[_Member] = []
+        sent: list[_Member] = []  # members whose statement is out
         try:
             while batch := self._take():
                 members = [m for m in batch if m.result is not None and not m.result.done()]
@@ -1040,7 +1078,9 @@ class _GroupCommit:
                     for _ in members[1:]:  # one exception object per waiting task
                         outcomes.append(UnavailableError(str(exc)))
                 else:
+                    sent = members
                     outcomes = await self._send(members, conn)
+                    sent = []
                 for member, outcome in zip(members, outcomes, strict=True):
                     future = member.result
                     assert future is not None
@@ -1057,11 +1097,26 @@ class _GroupCommit:
                     await asyncio.sleep(0)
         finally:
             self._task, self._busy = None, False
-            # Only if cancelled (closing): nobody will send what is left.
-            for member in [*batch, *self._queue]:
+            # Only if cancelled (closing): the statement out may have been
+            # applied; nobody will send what is left.
+            for member in sent:
                 if member.result is not None and not member.result.done():
-                    member.result.set_exception(UnavailableError(f"{self.db.url} was closed"))
-            self._queue.clear()
+                    member.result.set_exception(
+                        CommitUnknownError(
+                            f"{self.db.url} was closed while this commit was being sent; "
+                            "it may or may not have been applied"
+                        )
+                    )
+            self._fail_queued()
+
+    def _fail_queued(self) -> None:
+        """Closed: the queued commits will not be sent."""
+        for member in self._queue:
+            if member.result is not None and not member.result.done():
+                member.result.set_exception(
+                    UnavailableError(f"{self.db.url} was closed; nothing was applied")
+                )
+        self._queue.clear()
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         """The committer's connection, connecting anew if it was lost (a
@@ -1077,13 +1132,15 @@ class _GroupCommit:
             self._conn = None
             await conn.close()
         db = self.db
+        if self._closed:
+            raise UnavailableError(f"{db.url} was closed; nothing was applied")
         deadline = db.loop.time() + db.timeout
         delay = 0.05
         while True:
             try:
                 conn = await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True)
             except (psycopg.Error, OSError) as exc:
-                if db.loop.time() + delay > deadline or db.closed:
+                if db.loop.time() + delay > deadline or self._closed:
                     raise UnavailableError(
                         f"PostgreSQL at {db.url.render(hide_password=True)} is unavailable: "
                         f"the committer could not connect for {db.timeout:g} s "
@@ -1109,6 +1166,9 @@ class _GroupCommit:
             try:
                 cur = await conn.execute(db.sql.commit_group, params, prepare=True)
                 row = await cur.fetchone()
+            except asyncio.CancelledError:
+                db.watches.unknown_commit()  # closing: it may have been applied, unannounced
+                raise
             except psycopg.OperationalError as exc:
                 db.watches.unknown_commit()
                 errors: list[int | StoreError] = []
@@ -1125,8 +1185,15 @@ class _GroupCommit:
                 for member in members:
                     if member.result is not None and member.result.done():
                         outcomes.append(ConflictError("cancelled"))  # nobody waits for it
-                    else:
-                        outcomes += await self._send([member], conn)
+                        continue
+                    try:
+                        # A connection lost on an earlier member is replaced:
+                        # nothing was sent for this one.
+                        conn = await self._connection()
+                    except StoreError as unavailable:
+                        outcomes.append(unavailable)
+                        continue
+                    outcomes += await self._send([member], conn)
                 return outcomes
             assert row is not None
             outcomes = []
@@ -1134,7 +1201,8 @@ class _GroupCommit:
                 if version is None:
                     outcomes.append(
                         ConflictError(
-                            "PostgreSQL: dgen: a key this transaction read was changed by another"
+                            "PostgreSQL: dgen: a key this transaction read was changed by "
+                            "another, or its snapshot is too old to check (" + _TOO_OLD + ")"
                         )
                     )
                 else:
@@ -1156,7 +1224,8 @@ class _GroupCommit:
             error = _map_error(exc, db.url, committing=lost)
             error.__cause__ = exc
             return [error]
-        assert row is not None
+        if row is None or row[0] is None:  # dgen_commit's NULL: too old to validate
+            return [ConflictError(f"PostgreSQL: dgen: this transaction's snapshot is {_TOO_OLD}")]
         version = int(row[0])
         self._committed(member, version)
         return [version]
@@ -1181,17 +1250,20 @@ class _GroupCommit:
         return params
 
     async def close(self) -> None:
-        """Send what is queued (for at most 5 s), then close the connection."""
+        """Send what is queued (for at most :data:`_CLOSE_GRACE` seconds),
+        then close the connection: a statement still out gets
+        CommitUnknownError, commits still queued UnavailableError."""
         loop = self.db.loop
-        deadline = loop.time() + 5.0
+        deadline = loop.time() + _CLOSE_GRACE
         while self._busy and loop.time() < deadline:
             if self._task is not None:
                 await asyncio.wait([self._task], timeout=deadline - loop.time())
             else:
                 await asyncio.sleep(0.01)  # a lone commit in flight
+        self._closed = True
         task = self._task
         if task is not None:
-            task.cancel()  # its members get UnavailableError
+            task.cancel()  # see _run's finally
             await asyncio.wait([task])
         if self._conn is not None:
             await self._conn.close()
@@ -1744,14 +1816,15 @@ async def _prepare_schema(conn: psycopg.AsyncConnection[Any], q: _SQL, schema: s
     cur = await conn.execute(q.has_group)
     found = await cur.fetchone()
     old = found[0] if found is not None else None
-    if old == _GROUP_VERSION:
-        return True
+    mine = _function_version(_GROUP_VERSION)
+    if _function_version(old) >= mine:
+        return True  # ours, or a newer DGen's, which must not be replaced by older bodies
     try:
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"dgen:{schema}",))
             cur = await conn.execute(q.has_group)
             found = await cur.fetchone()
-            if found is None or found[0] != _GROUP_VERSION:
+            if found is None or _function_version(found[0]) < mine:
                 await conn.execute(q.group_ddl)
     except psycopg.errors.InsufficientPrivilege as exc:
         if old is not None:
