@@ -339,22 +339,33 @@ async def test_a_failing_member_is_retried_alone_and_fails_alone(url: str) -> No
         assert await _get(db, b"poison") is None
 
 
+@contextlib.asynccontextmanager
+async def _group_waiting_for_lock2(
+    db: postgres.PostgresDatabase, *keys: bytes
+) -> AsyncIterator[tuple[_Queue, int]]:
+    """Commits of ``keys`` queued behind a blocker, now out as one group
+    statement that waits for the row lock on b"lock2" (held until the block
+    ends); yields their _Queue and that statement's backend pid."""
+    await db.run(_set(b"lock", b"0"))
+    await db.run(_set(b"lock2", b"0"))
+    q = _Queue(db)
+    async with _row_locked(db, b"lock2"):
+        async with _row_locked(db, b"lock"):
+            blocked = await q.blocker(b"lock")
+            for key in keys:
+                tr = db.create_transaction()
+                tr.set(key, b"v")
+                tr.set(b"lock2", key)  # the group then waits for lock2
+                await q.add(tr)
+        await asyncio.wait_for(blocked, WAIT)
+        yield q, await _backend_waiting(db, "dgen_commit_group")
+
+
 async def test_a_lost_connection_gives_every_member_commit_unknown(url: str) -> None:
     async with dgen.connect(url) as db:
         assert isinstance(db, postgres.PostgresDatabase)
-        await db.run(_set(b"lock", b"0"))
-        await db.run(_set(b"lock2", b"0"))
-        q = _Queue(db)
-        async with _row_locked(db, b"lock2"):
-            async with _row_locked(db, b"lock"):
-                blocked = await q.blocker(b"lock")
-                for key in (b"a", b"b", b"c"):
-                    tr = db.create_transaction()
-                    tr.set(key, b"v")
-                    tr.set(b"lock2", key)  # the group then waits for lock2
-                    await q.add(tr)
-            await asyncio.wait_for(blocked, WAIT)
-            await _terminate(db, await _backend_waiting(db, "dgen_commit_group"))
+        async with _group_waiting_for_lock2(db, b"a", b"b", b"c") as (q, pid):
+            await _terminate(db, pid)
             done = await asyncio.wait_for(asyncio.gather(*q.tasks, return_exceptions=True), WAIT)
         assert all(isinstance(d, CommitUnknownError) for d in done), done
         assert q.counts() == (2, 1, 3)
@@ -510,19 +521,7 @@ async def test_closing_with_a_group_stuck_fails_its_members_as_unknown(
     monkeypatch.setattr(postgres, "_CLOSE_GRACE", 0.3)
     db = await dgen.connect(url)
     assert isinstance(db, postgres.PostgresDatabase)
-    await db.run(_set(b"lock", b"0"))
-    await db.run(_set(b"lock2", b"0"))
-    q = _Queue(db)
-    async with _row_locked(db, b"lock2"):
-        async with _row_locked(db, b"lock"):
-            blocked = await q.blocker(b"lock")
-            for key in (b"a", b"b"):
-                tr = db.create_transaction()
-                tr.set(key, b"v")
-                tr.set(b"lock2", key)  # the group then waits for lock2
-                await q.add(tr)
-        await asyncio.wait_for(blocked, WAIT)
-        await _backend_waiting(db, "dgen_commit_group")
+    async with _group_waiting_for_lock2(db, b"a", b"b") as (q, _):
         await asyncio.wait_for(db.aclose(), WAIT)
         done = await asyncio.wait_for(asyncio.gather(*q.tasks, return_exceptions=True), WAIT)
     assert all(isinstance(d, CommitUnknownError) for d in done), done
