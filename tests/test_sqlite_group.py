@@ -78,6 +78,14 @@ async def test_concurrent_read_modify_writes_stay_serializable(tmp_path: Path, c
         assert db.commit_groups > 0  # the point of the test: they did share commits
 
 
+def _writing(db: dgen.Database) -> bool:
+    """A commit is on the writer's thread (the committer's group, or a lone
+    commit that handed itself over): with the write lock held elsewhere, the
+    blocker waits there."""
+    assert isinstance(db, SQLiteDatabase)
+    return db._writing is not None and not db._writing.done()
+
+
 async def test_a_member_that_conflicts_fails_alone(tmp_path: Path) -> None:
     path = tmp_path / "g.db"
     async with dgen.connect(f"sqlite:///{path}?busy_timeout=30") as db:
@@ -92,7 +100,7 @@ async def test_a_member_that_conflicts_fails_alone(tmp_path: Path) -> None:
         stamp = first.get_versionstamp()
         with write_lock_held(path):
             blocker = asyncio.ensure_future(put(db, b"blocker", b"1"))
-            await until(lambda: db._committer is not None and not db._pending)
+            await until(lambda: _writing(db) and not db._pending)
             commits = asyncio.ensure_future(
                 asyncio.gather(first.commit(), second.commit(), return_exceptions=True)
             )
@@ -119,7 +127,7 @@ async def test_group_members_get_distinct_stamps_in_commit_order(tmp_path: Path)
         stamps = [tr.get_versionstamp() for tr in trs]
         with write_lock_held(path):
             blocker = asyncio.ensure_future(put(db, b"blocker", b"1"))
-            await until(lambda: db._committer is not None and not db._pending)
+            await until(lambda: _writing(db) and not db._pending)
             commits = asyncio.ensure_future(asyncio.gather(*(tr.commit() for tr in trs)))
             await until(lambda: len(db._pending) == 5)
         await asyncio.wait_for(asyncio.gather(blocker, commits), GUARD)
@@ -135,7 +143,7 @@ async def test_a_cancelled_queued_commit_is_not_written(tmp_path: Path) -> None:
     async with dgen.connect(f"sqlite:///{path}?busy_timeout=30") as db:
         with write_lock_held(path):
             blocker = asyncio.ensure_future(put(db, b"blocker", b"1"))
-            await until(lambda: db._committer is not None and not db._pending)
+            await until(lambda: _writing(db) and not db._pending)
             cancelled = asyncio.ensure_future(put(db, b"cancelled", b"1"))
             kept = asyncio.ensure_future(put(db, b"kept", b"1"))
             await until(lambda: len(db._pending) == 2)
@@ -156,7 +164,7 @@ async def _queue_behind_blocker(
     """With the write lock held elsewhere: a blocker commit taken by the
     committer, then ``puts`` queued behind it (the caller releases the lock)."""
     blocker = asyncio.ensure_future(put(db, b"blocker", b"1"))
-    await until(lambda: db._committer is not None and not db._pending)
+    await until(lambda: _writing(db) and not db._pending)
     queued = [asyncio.ensure_future(put(db, k.encode(), v)) for k, v in puts.items()]
     await until(lambda: len(db._pending) == len(puts))
     return [blocker, *queued]
@@ -206,6 +214,9 @@ async def test_cancelling_the_committer_loses_and_strands_nothing(
     async with dgen.connect(f"sqlite:///{path}?busy_timeout=30&commit={commit}") as db:
         await put(db, b"warm", b"1")  # opens the writer
         assert isinstance(db, SQLiteDatabase)
+        # As after a group of several: the blocker goes through the committer
+        # task (a lone commit would hand itself to the thread).
+        db._last_group = 2
         with write_lock_held(path):
             blocker, queued = await _queue_behind_blocker(db, path, queued=b"1")
             committer = db._committer
@@ -218,6 +229,36 @@ async def test_cancelling_the_committer_loses_and_strands_nothing(
             return [await tr.get(b"blocker"), await tr.get(b"queued")]
 
         assert await db.run(read) == [b"1", b"1"]
+
+
+async def test_a_lone_commit_cancelled_on_the_thread_still_ends_and_the_next_ones_group(
+    tmp_path: Path,
+) -> None:
+    """A commit with nothing queued hands itself to the writer's thread from
+    its own task. Cancelled there, its write still ends (the caller sees
+    CancelledError, the data is written); the commits queued behind it meanwhile go
+    out as one group once it ends."""
+    path = tmp_path / "g.db"
+    async with dgen.connect(f"sqlite:///{path}?busy_timeout=30") as db:
+        await put(db, b"warm", b"1")
+        await put(db, b"warm", b"2")  # a lone one: the last group had one member
+        assert isinstance(db, SQLiteDatabase) and db._last_group == 1
+        with write_lock_held(path):
+            lone = asyncio.ensure_future(put(db, b"lone", b"1"))
+            await until(lambda: _writing(db))
+            assert db._committer is None  # handed over by its own task
+            behind = [asyncio.ensure_future(put(db, b"q%d" % i, b"1")) for i in range(3)]
+            await until(lambda: len(db._pending) == 3)
+            lone.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await lone
+        await asyncio.wait_for(asyncio.gather(*behind), GUARD)
+        assert (db.commit_groups, db.grouped_commits) == (1, 3)
+
+        async def read(tr: Transaction) -> list[bytes | None]:
+            return [await tr.get(k) for k in (b"lone", b"q0", b"q1", b"q2")]
+
+        assert await db.run(read) == [b"1", b"1", b"1", b"1"]
 
 
 @pytest.mark.parametrize("commit", ["thread", "inline"])

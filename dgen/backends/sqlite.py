@@ -272,6 +272,19 @@ class SQLiteTransaction(BufferedTransaction):
             else:
                 db._finish([member], outcomes, changed)
                 return member.outcome.result()
+        elif (writer := db._write_here()) is not None:
+            # Nothing queued or being written: this task hands the commit to
+            # the writer's thread itself (a committer task costs two event-loop
+            # turns); commits arriving meanwhile queue behind it.
+            try:
+                outcomes, changed = await db._write_on_thread(writer, [member])
+            except asyncio.CancelledError:
+                raise  # the write goes on; _write_on_thread gives the member its outcome
+            except BaseException as exc:
+                member.fail(exc)
+            else:
+                db._finish([member], outcomes, changed)
+            return member.outcome.result()
         db._pending.append(member)
         if db._committer is None:
             db._committer = asyncio.ensure_future(db._drain())
@@ -740,6 +753,7 @@ class SQLiteDatabase(Database):
         # on its own connection (outside the pool: queued members hold slots).
         self._pending: list[_Member] = []
         self._committer: asyncio.Future[None] | None = None
+        self._last_group = 0  # members of the last group written
         self._writer: _Connection | None = None
         self._writing: asyncio.Future[_Outcomes] | None = None  # the write on its thread
         self._committed_here = False
@@ -806,6 +820,21 @@ class SQLiteDatabase(Database):
 
     # -- commits -----------------------------------------------------------
 
+    def _write_here(self) -> _Connection | None:
+        """The writer, if a commit may hand itself to the writer's thread from
+        its caller's task: not with inline commits (it runs inline instead),
+        nor while commits are concurrent (the last group had several members:
+        they group better through the committer), queued, or being written."""
+        if (
+            self.inline_commits
+            or self._last_group > 1
+            or self._committer is not None
+            or self._pending
+            or (self._writing is not None and not self._writing.done())
+        ):
+            return None
+        return self._writer
+
     def _commit_here(self) -> _Connection | None:
         """The writer, if this commit may run in its caller's task: with inline
         commits, the first commit of a loop iteration does; later ones in the
@@ -831,8 +860,16 @@ class SQLiteDatabase(Database):
         """The committer task: commit what queued, group by group, until nothing is left."""
         try:
             while self._pending:
+                if self._writing is not None and not self._writing.done():
+                    # A write is out (a lone commit's, or a cancelled
+                    # committer's): what queues meanwhile goes as one group.
+                    await asyncio.wait([self._writing])
                 group, self._pending = self._pending, []
                 await self._commit_group(group)
+                # One turn for the members just answered: a producer's next
+                # commit then joins the next group instead of being written
+                # alone ahead of it (groups stay whole).
+                await asyncio.sleep(0)
         finally:
             self._committer = None
             # Left only if this task was cancelled (a shutdown cancelling every task?).
@@ -906,6 +943,7 @@ class SQLiteDatabase(Database):
         outcomes: list[bytes | BaseException],
         changed: dict[bytes, bytes | None],
     ) -> None:
+        self._last_group = len(group)
         if len(group) > 1:
             self.commit_groups += 1
             self.grouped_commits += len(group)
