@@ -10,11 +10,13 @@ timeout) with its first group, and the next transactions queue behind it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -259,6 +261,66 @@ async def test_a_lone_commit_cancelled_on_the_thread_still_ends_and_the_next_one
             return [await tr.get(k) for k in (b"lone", b"q0", b"q1", b"q2")]
 
         assert await db.run(read) == [b"1", b"1", b"1", b"1"]
+
+
+async def test_commits_all_cancelled_behind_a_lone_write_leave_no_empty_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The committer waits for a lone commit's write before taking what
+    queued behind it; if all of that was cancelled meanwhile, it writes
+    nothing (an empty group would still cost a transaction and an fsync)."""
+    sizes: list[int] = []
+    write_group = SQLiteDatabase._write_group
+
+    def recording(self: SQLiteDatabase, sql: Any, group: list[Any], may_wait: bool) -> Any:
+        sizes.append(len(group))
+        return write_group(self, sql, group, may_wait)
+
+    monkeypatch.setattr(SQLiteDatabase, "_write_group", recording)
+    path = tmp_path / "g.db"
+    async with dgen.connect(f"sqlite:///{path}?busy_timeout=30") as db:
+        await put(db, b"warm", b"1")
+        assert isinstance(db, SQLiteDatabase)
+        sizes.clear()
+        with write_lock_held(path):
+            lone = asyncio.ensure_future(put(db, b"lone", b"1"))
+            await until(lambda: _writing(db))
+            behind = [asyncio.ensure_future(put(db, b"q%d" % i, b"1")) for i in range(2)]
+            await until(lambda: len(db._pending) == 2 and db._committer is not None)
+            for task in behind:
+                task.cancel()
+            await asyncio.gather(*behind, return_exceptions=True)
+        await asyncio.wait_for(lone, GUARD)
+        await until(lambda: db._committer is None)
+        assert sizes == [1], sizes
+
+
+async def test_a_lone_commit_cancelled_whose_write_fails_leaves_no_unread_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Cancelled on the writer's thread, a lone commit's failure (here a value
+    over SQLite's length limit) is consumed: asyncio logs no 'exception was
+    never retrieved', and later commits work."""
+    path = tmp_path / "g.db"
+    async with dgen.connect(f"sqlite:///{path}?busy_timeout=30") as db:
+        await put(db, b"warm", b"1")
+        await put(db, b"warm", b"2")  # the last group had one member: lone path
+        assert isinstance(db, SQLiteDatabase) and db._writer is not None
+        db._writer.open().setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 1000)
+        with caplog.at_level("ERROR", logger="asyncio"), write_lock_held(path):
+            tr = db.create_transaction()
+            tr.set(b"big", b"x" * 5000)
+            lone = asyncio.ensure_future(tr.commit())
+            await until(lambda: _writing(db))
+            lone.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await lone
+        await until(lambda: not _writing(db))
+        await put(db, b"after", b"1")  # a new write: the failed one is unreferenced
+        del tr, lone
+        gc.collect()
+        await asyncio.sleep(0)
+        assert "never retrieved" not in caplog.text
 
 
 @pytest.mark.parametrize("commit", ["thread", "inline"])

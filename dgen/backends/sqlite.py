@@ -279,7 +279,10 @@ class SQLiteTransaction(BufferedTransaction):
             try:
                 outcomes, changed = await db._write_on_thread(writer, [member])
             except asyncio.CancelledError:
-                raise  # the write goes on; _write_on_thread gives the member its outcome
+                # The write goes on and _write_on_thread gives the member its
+                # outcome, which nobody reads now.
+                member.outcome.add_done_callback(_retrieve)
+                raise
             except BaseException as exc:
                 member.fail(exc)
             else:
@@ -864,6 +867,8 @@ class SQLiteDatabase(Database):
                     # A write is out (a lone commit's, or a cancelled
                     # committer's): what queues meanwhile goes as one group.
                     await asyncio.wait([self._writing])
+                    if not self._pending:
+                        break  # all cancelled meanwhile: no empty write
                 group, self._pending = self._pending, []
                 await self._commit_group(group)
                 # One turn for the members just answered: a producer's next
