@@ -964,9 +964,10 @@ class _Member:
 class _GroupCommit:
     """Sends a database object's commits, grouping concurrent ones.
 
-    Commit statements go out one at a time, from one task, on a connection
-    of the committer's own outside the pool (as SQLite's writer thread has
-    its own): a transaction needs no pooled connection to commit, so a
+    Commit statements go out one at a time (a lone one from its committing
+    task, queued ones from the committer's task), on a connection of the
+    committer's own outside the pool (as SQLite's writer thread has its
+    own): a transaction needs no pooled connection to commit, so a
     write-only one never takes one and one that read gives its connection
     back before its commit is sent. A commit that finds no statement in
     flight goes out at once, alone (``dgen_commit``, as without grouping).
