@@ -298,6 +298,26 @@ async def test_concurrent_increments_lose_nothing(url: str) -> None:
 # -- errors -------------------------------------------------------------------
 
 
+async def _on_insert(db: postgres.PostgresDatabase, key: bytes, action: str) -> None:
+    """A trigger that runs the PL/pgSQL ``action`` when ``key`` is inserted
+    into the store."""
+    schema = sql.Identifier(db.schema)
+    name = sql.Identifier(f"on_{key.hex()}")
+    async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
+        await conn.execute(
+            sql.SQL(
+                "CREATE FUNCTION {s}.{n}() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                "BEGIN IF NEW.key = {k}::bytea THEN {a}; END IF; RETURN NEW; END $$"
+            ).format(s=schema, n=name, k=sql.Literal(key), a=sql.SQL(action))
+        )
+        await conn.execute(
+            sql.SQL(
+                "CREATE TRIGGER {n} BEFORE INSERT ON {s}.dgen_kv "
+                "FOR EACH ROW EXECUTE FUNCTION {s}.{n}()"
+            ).format(s=schema, n=name)
+        )
+
+
 async def test_a_failing_member_is_retried_alone_and_fails_alone(url: str) -> None:
     """A member whose write fails on the server (a trigger refuses its key)
     fails the group statement; each member is then committed alone, so the
@@ -305,21 +325,7 @@ async def test_a_failing_member_is_retried_alone_and_fails_alone(url: str) -> No
     async with dgen.connect(url) as db:
         assert isinstance(db, postgres.PostgresDatabase)
         await db.run(_set(b"lock", b"0"))
-        schema = sql.Identifier(db.schema)
-        async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
-            await conn.execute(
-                sql.SQL(
-                    "CREATE FUNCTION {s}.refuse() RETURNS trigger LANGUAGE plpgsql AS $$ "
-                    "BEGIN IF NEW.key = '\\x706f69736f6e'::bytea THEN "  # b"poison"
-                    "RAISE EXCEPTION 'poisoned key'; END IF; RETURN NEW; END $$"
-                ).format(s=schema)
-            )
-            await conn.execute(
-                sql.SQL(
-                    "CREATE TRIGGER refuse BEFORE INSERT ON {s}.dgen_kv "
-                    "FOR EACH ROW EXECUTE FUNCTION {s}.refuse()"
-                ).format(s=schema)
-            )
+        await _on_insert(db, b"poison", "RAISE EXCEPTION 'poisoned key'")
         q = _Queue(db)
         trs = _blind_writes(db, b"good1", b"poison", b"good2")
         async with _row_locked(db, b"lock"):
@@ -359,6 +365,31 @@ async def _group_waiting_for_lock2(
                 await q.add(tr)
         await asyncio.wait_for(blocked, WAIT)
         yield q, await _backend_waiting(db, "dgen_commit_group")
+
+
+async def test_a_connection_lost_while_members_are_retried_alone_is_replaced(url: str) -> None:
+    """After a failed group its members are committed one by one on the
+    committer's connection; a member whose statement kills that connection
+    gets CommitUnknownError, and the members after it go out on a new one
+    (nothing had been sent for them) and commit."""
+    async with dgen.connect(url) as db:
+        assert isinstance(db, postgres.PostgresDatabase)
+        await db.run(_set(b"lock", b"0"))
+        await _on_insert(db, b"poison", "RAISE EXCEPTION 'poisoned key'")
+        await _on_insert(db, b"die", "PERFORM pg_terminate_backend(pg_backend_pid())")
+        q = _Queue(db)
+        trs = _blind_writes(db, b"poison", b"die", b"good")
+        async with _row_locked(db, b"lock"):
+            blocked = await q.blocker(b"lock")
+            for tr in trs:
+                await q.add(tr)
+        done = await asyncio.wait_for(
+            asyncio.gather(blocked, *q.tasks, return_exceptions=True), WAIT
+        )
+        assert done[0] is None and "poisoned key" in str(done[1]), done
+        assert isinstance(done[2], CommitUnknownError), done
+        assert done[3] is None, done
+        assert await _get(db, b"good") == b"v" and await _get(db, b"die") is None
 
 
 async def test_a_lost_connection_gives_every_member_commit_unknown(url: str) -> None:

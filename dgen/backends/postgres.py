@@ -921,11 +921,11 @@ _PARKED_SECONDS = 0.01
 # -- group commit -------------------------------------------------------------
 
 _GROUP_MAX_MEMBERS = 64
-_CLOSE_GRACE = 5.0
+_CLOSE_GRACE = 5.0  # seconds closing waits for the commits being sent
 _TOO_OLD = (
     f"older than the conflict log: it stayed open while more than {LOG_WINDOW:,} commits "
     "landed, or the server crashed since it began"
-)  # seconds closing waits for the commits being sent
+)
 _GROUP_MAX_BYTES = 1 << 20  # buffered writes of one group statement
 
 
@@ -1015,10 +1015,7 @@ class _GroupCommit:
         lone commit sent by its own task is cancelled on the server too."""
         if not self.enabled:
             assert member.conn is not None
-            outcome = (await self._send([member], member.conn))[0]
-            if isinstance(outcome, StoreError):
-                raise outcome
-            return outcome
+            return self._unwrap((await self._send([member], member.conn))[0])
         if self.db.closed:
             raise UnavailableError(f"{self.db.url} was closed")
         if not self._busy:
@@ -1033,9 +1030,7 @@ class _GroupCommit:
                 else:
                     self._busy = False
                     self._fail_queued()
-            if isinstance(outcome, StoreError):
-                raise outcome
-            return outcome
+            return self._unwrap(outcome)
         member.result = self.db.loop.create_future()
         self._queue.append(member)
         try:
@@ -1046,6 +1041,11 @@ class _GroupCommit:
             elif member.result.done() and not member.result.cancelled():
                 member.result.exception()  # retrieved
             raise
+
+    def _unwrap(self, outcome: int | StoreError) -> int:
+        if isinstance(outcome, StoreError):
+            raise outcome
+        return outcome
 
     def _start(self) -> None:
         """Send the queued commits from the committer's task."""

@@ -828,28 +828,24 @@ class SQLiteDatabase(Database):
         its caller's task: not with inline commits (it runs inline instead),
         nor while commits are concurrent (the last group had several members:
         they group better through the committer), queued, or being written."""
-        if (
-            self.inline_commits
-            or self._last_group > 1
-            or self._committer is not None
-            or self._pending
-            or (self._writing is not None and not self._writing.done())
-        ):
+        if self.inline_commits or self._last_group > 1 or not self._writer_idle():
             return None
         return self._writer
+
+    def _writer_idle(self) -> bool:
+        """No committer task, nothing queued, no write on the writer's thread."""
+        return (
+            self._committer is None
+            and not self._pending
+            and (self._writing is None or self._writing.done())
+        )
 
     def _commit_here(self) -> _Connection | None:
         """The writer, if this commit may run in its caller's task: with inline
         commits, the first commit of a loop iteration does; later ones in the
         same iteration (concurrent producers) queue for the committer, which
         writes them as one group."""
-        if (
-            not self.inline_commits
-            or self._committer is not None
-            or self._pending
-            or self._committed_here
-            or (self._writing is not None and not self._writing.done())
-        ):
+        if not self.inline_commits or self._committed_here or not self._writer_idle():
             return None
         if self._writer is not None:
             self._committed_here = True
