@@ -298,6 +298,19 @@ async def test_concurrent_increments_lose_nothing(url: str) -> None:
 # -- errors -------------------------------------------------------------------
 
 
+async def _commit_behind_blocker(
+    db: postgres.PostgresDatabase, q: _Queue, trs: list[Transaction]
+) -> list[Any]:
+    """Commit ``trs`` queued, in order, behind a blocked commit of b"lock"
+    (which must exist); the blocker's outcome, then theirs (exceptions
+    returned)."""
+    async with _row_locked(db, b"lock"):
+        blocked = await q.blocker(b"lock")
+        for tr in trs:
+            await q.add(tr)
+    return await asyncio.wait_for(asyncio.gather(blocked, *q.tasks, return_exceptions=True), WAIT)
+
+
 async def _on_insert(db: postgres.PostgresDatabase, key: bytes, action: str) -> None:
     """A trigger that runs the PL/pgSQL ``action`` when ``key`` is inserted
     into the store."""
@@ -328,13 +341,7 @@ async def test_a_failing_member_is_retried_alone_and_fails_alone(url: str) -> No
         await _on_insert(db, b"poison", "RAISE EXCEPTION 'poisoned key'")
         q = _Queue(db)
         trs = _blind_writes(db, b"good1", b"poison", b"good2")
-        async with _row_locked(db, b"lock"):
-            blocked = await q.blocker(b"lock")
-            for tr in trs:
-                await q.add(tr)
-        done = await asyncio.wait_for(
-            asyncio.gather(blocked, *q.tasks, return_exceptions=True), WAIT
-        )
+        done = await _commit_behind_blocker(db, q, trs)
         assert done[0] is None and done[1] is None and done[3] is None, done
         error = done[2]
         assert isinstance(error, StoreError) and "poisoned key" in str(error), done
@@ -379,13 +386,7 @@ async def test_a_connection_lost_while_members_are_retried_alone_is_replaced(url
         await _on_insert(db, b"die", "PERFORM pg_terminate_backend(pg_backend_pid())")
         q = _Queue(db)
         trs = _blind_writes(db, b"poison", b"die", b"good")
-        async with _row_locked(db, b"lock"):
-            blocked = await q.blocker(b"lock")
-            for tr in trs:
-                await q.add(tr)
-        done = await asyncio.wait_for(
-            asyncio.gather(blocked, *q.tasks, return_exceptions=True), WAIT
-        )
+        done = await _commit_behind_blocker(db, q, trs)
         assert done[0] is None and "poisoned key" in str(done[1]), done
         assert isinstance(done[2], CommitUnknownError), done
         assert done[3] is None, done
