@@ -730,26 +730,191 @@ async def test_fallback_poll_catches_a_change_nobody_notified(url: str) -> None:
         await asyncio.wait_for(watch, WAIT)
 
 
+async def _listener_pid(db: dgen.Database) -> int:
+    """The pid of ``db``'s listener connection, once it has registered."""
+    assert isinstance(db, postgres.PostgresDatabase)
+    for _ in range(100):  # the listener connects in the background
+        if db.watches.listener_pid is not None:
+            return db.watches.listener_pid
+        await asyncio.sleep(0.05)
+    raise AssertionError("the listener did not register")
+
+
 async def test_every_watch_fires_after_the_listener_reconnects(url: str) -> None:
     async with dgen.connect(url + "&watch_poll_interval=600") as db:
         assert isinstance(db, postgres.PostgresDatabase)
         await db.run(_set(b"a", b"0"))
         watches = [await _watch(db, b"a"), await _watch(db, b"unchanged")]
-        for _ in range(100):  # the listener connects in the background
-            with psycopg.connect(db.conninfo, autocommit=True) as conn:
-                killed = conn.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE query LIKE 'LISTEN %%' AND application_name = 'dgen' "
-                    "AND query LIKE %s",
-                    (f"%{db.watches.channel}%",),
-                ).fetchall()
-            if killed:
-                break
-            await asyncio.sleep(0.05)
-        assert killed, "no listener connection found"
+        pid = await _listener_pid(db)
+        with psycopg.connect(db.conninfo, autocommit=True) as conn:
+            assert conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
         for watch in watches:
             await asyncio.wait_for(watch, WAIT)  # nothing changed: spurious, never missed
         assert db.watches.reconnects >= 1
+
+
+# -- listeners: notifications only when another database object listens -----
+
+
+async def _clock_listeners(db: dgen.Database) -> list[int]:
+    assert isinstance(db, postgres.PostgresDatabase)
+    async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
+        cur = await conn.execute(
+            sql.SQL("SELECT listeners FROM {}.dgen_clock").format(sql.Identifier(db.schema))
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    return sorted(row[0])
+
+
+@contextlib.asynccontextmanager
+async def _eavesdrop(db: dgen.Database) -> Any:
+    """A bare connection listening on ``db``'s channel (not registered); yields
+    a function that returns the payloads heard within ``seconds``."""
+    assert isinstance(db, postgres.PostgresDatabase)
+    conn = await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True)
+    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(db.watches.channel)))
+
+    async def heard(seconds: float) -> list[str]:
+        return [n.payload async for n in conn.notifies(timeout=seconds)]
+
+    try:
+        yield heard
+    finally:
+        await conn.close()
+
+
+async def test_commits_notify_only_while_another_database_object_listens(url: str) -> None:
+    """A database object alone on its store sends no notifications (its own
+    watches fire directly); once a second one registers its listener, every
+    commit is announced and wakes the second one's watches (a long poll: the
+    notification must do it); after the second closes, notifications stop."""
+    url += "&watch_poll_interval=600"
+    async with dgen.connect(url) as db:
+        mine = await _listener_pid(db)
+        assert await _clock_listeners(db) == [mine]
+        async with _eavesdrop(db) as heard:
+            await db.run(_set(b"k", b"1"))
+            assert await heard(0.5) == []
+            async with dgen.connect(url) as other:
+                theirs = await _listener_pid(other)
+                assert await _clock_listeners(db) == sorted([mine, theirs])
+                watch = await _watch(other, b"k")
+                await db.run(_set(b"k", b"2"))
+                await asyncio.wait_for(watch, WAIT)
+                assert len(await heard(0.5)) == 1
+            assert await _clock_listeners(db) == [mine]  # unregistered on close
+            await db.run(_set(b"k", b"3"))
+            assert await heard(0.5) == []
+
+
+async def test_a_commit_queued_before_a_listener_registers_is_not_missed(url: str) -> None:
+    """A commit that takes the clock lock just before a new listener registers
+    finds no other listener and sends nothing; the new object's watch, armed
+    before, is re-read after the registration and fires."""
+    url += "&watch_poll_interval=600"
+    async with dgen.connect(url) as db:
+        assert isinstance(db, postgres.PostgresDatabase)
+        await db.run(_set(b"k", b"0"))
+        await _listener_pid(db)
+        locker = await psycopg.AsyncConnection.connect(db.conninfo)
+        try:
+            await locker.execute(db.sql.lock_clock)  # a transaction holding the clock row
+            commit = asyncio.ensure_future(db.run(_set(b"k", b"1")))
+            await _waiting_for_lock(db, "dgen_commit")
+            async with dgen.connect(url) as other:
+                assert isinstance(other, postgres.PostgresDatabase)
+                watch = await _watch(other, b"k")  # baseline "0": the commit waits
+                await _waiting_for_lock(db, "listeners")
+                await locker.rollback()
+                await asyncio.wait_for(commit, WAIT)
+                await asyncio.wait_for(watch, WAIT)
+                assert other.watches.listener_pid is not None
+        finally:
+            await locker.close()
+
+
+async def _waiting_for_lock(db: dgen.Database, fragment: str) -> None:
+    assert isinstance(db, postgres.PostgresDatabase)
+    async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
+        for _ in range(int(WAIT / 0.01)):
+            cur = await conn.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+                (f"%{fragment}%",),
+            )
+            if await cur.fetchone() is not None:
+                return
+            await asyncio.sleep(0.01)
+    raise AssertionError(f"no backend waits for a lock in a statement with {fragment!r}")
+
+
+async def test_a_listener_gone_without_unregistering_is_dropped_later(url: str) -> None:
+    """A pid left in the list (a process killed) keeps commits announced, the
+    safe side; the next listener to register drops it, its backend gone."""
+    async with dgen.connect(url + "&watch_poll_interval=600") as db:
+        assert isinstance(db, postgres.PostgresDatabase)
+        mine = await _listener_pid(db)
+        with psycopg.connect(db.conninfo, autocommit=True) as conn:
+            dead = conn.execute("SELECT max(pid) + 100000 FROM pg_stat_activity").fetchone()
+            assert dead is not None
+            conn.execute(
+                sql.SQL("UPDATE {}.dgen_clock SET listeners = listeners || %s").format(
+                    sql.Identifier(db.schema)
+                ),
+                (dead[0],),
+            )
+        async with _eavesdrop(db) as heard:
+            await db.run(_set(b"k", b"1"))
+            assert len(await heard(0.5)) == 1
+        async with dgen.connect(url) as other:
+            theirs = await _listener_pid(other)
+            assert await _clock_listeners(db) == sorted([mine, theirs])
+
+
+async def test_a_store_made_before_the_listeners_column_gets_it(url: str) -> None:
+    """Functions older than version 5 (no listeners column) are replaced on
+    open and the column added; listeners then register."""
+    async with dgen.connect(url) as db:
+        assert isinstance(db, postgres.PostgresDatabase)
+        await db.run(_set(b"k", b"v"))
+        async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
+            schema = sql.Identifier(db.schema)
+            await conn.execute(
+                sql.SQL("ALTER TABLE {}.dgen_clock DROP COLUMN listeners").format(schema)
+            )
+            await conn.execute(
+                sql.SQL("COMMENT ON FUNCTION {}.dgen_commit_group IS 'dgen group commit 4'").format(
+                    schema
+                )
+            )
+    async with dgen.connect(url) as db:
+        mine = await _listener_pid(db)
+        assert await _clock_listeners(db) == [mine]
+        await db.run(_set(b"k", b"w"))
+        assert await db.run(_get(b"k")) == b"w"
+
+
+async def test_a_store_without_the_listeners_column_still_notifies(url: str) -> None:
+    """What an older store's listener meets when this role may not add the
+    column: it listens unregistered, as before (every commit then notifies)."""
+    async with dgen.connect(url) as db:
+        assert isinstance(db, postgres.PostgresDatabase)
+        await _listener_pid(db)
+        async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
+            await conn.execute(
+                sql.SQL("ALTER TABLE {}.dgen_clock DROP COLUMN listeners").format(
+                    sql.Identifier(db.schema)
+                )
+            )
+        async with dgen.connect(url + "&watch_poll_interval=600") as other:
+            assert isinstance(other, postgres.PostgresDatabase)
+            for _ in range(100):
+                if other.watches.heard_from is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert other.watches.heard_from is not None
+            assert other.watches.listener_pid is None
+            assert other.watches.announce(None) and other.watches.announce("")
 
 
 async def test_watches_fail_when_the_database_closes(url: str) -> None:

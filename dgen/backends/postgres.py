@@ -225,6 +225,9 @@ def _sentinel_check(n: str, returning: str) -> str:
 
 _COMMIT_DDL = (
     """
+-- The backend pids of the listening connections (see _Watches.announce);
+-- added with version 5 of the functions, so older stores get it on open.
+ALTER TABLE {s}.dgen_clock ADD COLUMN IF NOT EXISTS listeners int[] NOT NULL DEFAULT '{{}}';
 CREATE OR REPLACE FUNCTION {s}.dgen_commit(
     read_version bigint, rb bytea[], re bytea[],
     cb bytea[], ce bytea[], ck bytea[], sk bytea[], sv bytea[],
@@ -236,10 +239,12 @@ DECLARE
     p bigint;
     stamp bytea;
     conflict boolean;
+    l int[];
 BEGIN
     -- The clock row's lock serializes committers of this store until COMMIT.
-    UPDATE {s}.dgen_clock SET version = version + 1 WHERE id = 1 RETURNING version, pruned
-        INTO v, p;
+    UPDATE {s}.dgen_clock SET version = version + 1 WHERE id = 1
+        RETURNING version, pruned, listeners INTO v, p, l;
+    PERFORM set_config('dgen.listeners', l::text, true);  -- see _Watches.announce
 {crash_check}
     IF cardinality(rb) > 0 THEN
         IF read_version < p THEN
@@ -325,11 +330,13 @@ DECLARE
     m_ak bytea[]; m_ad numeric[]; m_tk bytea[]; m_to int[]; m_tv bytea[];
     stamp bytea;
     conflict boolean;
+    l int[];
 BEGIN
     -- One clock-row lock for the whole group, held until COMMIT; the members
     -- that commit get the versions v0 + 1, v0 + 2, ... in order.
     UPDATE {s}.dgen_clock SET version = version + n WHERE id = 1
-        RETURNING version - n, pruned INTO v0, p;
+        RETURNING version - n, pruned, listeners INTO v0, p, l;
+    PERFORM set_config('dgen.listeners', l::text, true);
 {crash_check}
     v := v0;
     FOR i IN 1 .. n LOOP
@@ -416,12 +423,13 @@ BEGIN
     END IF;
     RETURN result;
 END $$;
-COMMENT ON FUNCTION {s}.dgen_commit_group IS 'dgen group commit 4';
+COMMENT ON FUNCTION {s}.dgen_commit_group IS 'dgen group commit 5';
 """.replace("{crash_check}", _sentinel_check("n", "version - n, pruned INTO v0, p"))
 # The COMMENT above: a changed body of either commit function bumps it (2:
-# enable_seqscan off; 4: the crash sentinel), and opening a store replaces
-# older bodies of both (never newer ones: see _function_version).
-_GROUP_VERSION = "dgen group commit 4"
+# enable_seqscan off; 4: the crash sentinel; 5: the listeners column), and
+# opening a store replaces older bodies of both (never newer ones: see
+# _function_version).
+_GROUP_VERSION = "dgen group commit 5"
 
 
 def _function_version(comment: str | None) -> int:
@@ -478,18 +486,33 @@ class _SQL:
             " %(to)b::int[], %(tv)b::bytea[], %(lw)b::bigint, %(pe)b::bigint) AS v) AS c"
             " WHERE c.v IS NOT NULL"
         )
-        # notify=after: the commit alone; a background task notifies.
-        self.commit_only = self.commit[
-            self.commit.index("FROM (SELECT ") + 6 : -len(" AS v) AS c WHERE c.v IS NOT NULL")
-        ]
+        # notify=after: the commit, and the listeners it found (the function
+        # sets dgen.listeners; the subquery runs first); a background task
+        # notifies if one of them is another's (_Watches.announce).
+        listeners = "current_setting('dgen.listeners', true)"
+        call = self.commit[self.commit.index(" FROM (SELECT ") : -len(" WHERE c.v IS NOT NULL")]
+        self.commit_only = f"SELECT c.v, {listeners}{call}"
         # Group commit: notifications (notify=commit) are sent by the function.
         self.commit_group = q(
-            "SELECT {s}.dgen_commit_group(%(rv)b::bigint[], %(nr)b::int[], %(rb)b::bytea[],"
+            f"SELECT c.g, {listeners} FROM (SELECT "
+            "{s}.dgen_commit_group(%(rv)b::bigint[], %(nr)b::int[], %(rb)b::bytea[],"
             " %(re)b::bytea[], %(nc)b::int[], %(cb)b::bytea[], %(ce)b::bytea[], %(nk)b::int[],"
             " %(ck)b::bytea[], %(ns)b::int[], %(sk)b::bytea[], %(sv)b::bytea[], %(na)b::int[],"
             " %(ak)b::bytea[], %(ad)s::numeric[], %(nt)b::int[], %(tk)b::bytea[], %(to)b::int[],"
             " %(tv)b::bytea[], %(lw)b::bigint, %(pe)b::bigint, %(channel)s::text,"
-            " %(hashes)s::text[])"
+            " %(hashes)s::text[]) AS g) AS c"
+        )
+        # A listener registers its connection's pid under the clock lock (the
+        # first statement), dropping pids whose backend is gone; it hears
+        # every commit after the version returned.
+        self.lock_clock = q("SELECT 1 FROM {s}.dgen_clock WHERE id = 1 FOR UPDATE")
+        self.register = q(
+            "UPDATE {s}.dgen_clock SET listeners = ARRAY(SELECT p FROM unnest(listeners) AS p"
+            " WHERE p <> pg_backend_pid() AND p IN (SELECT pid FROM pg_stat_activity))"
+            " || pg_backend_pid() WHERE id = 1 RETURNING version"
+        )
+        self.unregister = q(
+            "UPDATE {s}.dgen_clock SET listeners = array_remove(listeners, %s) WHERE id = 1"
         )
         self.get = q("SELECT value FROM {s}.dgen_kv WHERE key = %s")
         self.get_many = q("SELECT key, value FROM {s}.dgen_kv WHERE key = ANY(%s)")
@@ -1207,7 +1230,7 @@ class _GroupCommit:
                         )
                     )
                 else:
-                    self._committed(member, int(version))
+                    self._committed(member, int(version), row[1])
                     outcomes.append(int(version))
             return outcomes
         member = members[0]
@@ -1228,13 +1251,13 @@ class _GroupCommit:
         if row is None or row[0] is None:  # dgen_commit's NULL: too old to validate
             return [ConflictError(f"PostgreSQL: dgen: this transaction's snapshot is {_TOO_OLD}")]
         version = int(row[0])
-        self._committed(member, version)
+        self._committed(member, version, row[1])
         return [version]
 
-    def _committed(self, member: _Member, version: int) -> None:
+    def _committed(self, member: _Member, version: int, listeners: str | None) -> None:
         stamp = version.to_bytes(8, "big") + b"\x00\x00"
         written = member.written + [k[:o] + stamp + k[o + 10 :] for k, o, _ in member.stamped]
-        self.db.watches.committed(version, written, member.cleared)
+        self.db.watches.committed(version, written, member.cleared, listeners)
 
     def _group_params(self, members: list[_Member]) -> dict[str, Any]:
         params: dict[str, Any] = {"rv": [m.read_version for m in members]}
@@ -1328,6 +1351,8 @@ class _Watches:
         self._checks: set[asyncio.Task[None]] = set()
         self.reconnects = 0
         self._stopping = False
+        # The listener's backend pid, while it is registered (see announce).
+        self._own: str | None = None
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._listen(), name="dgen-postgres-listener")]
@@ -1343,6 +1368,7 @@ class _Watches:
             # commits and exits at once still wakes the others.
             self._outbox_ready.set()
             await asyncio.wait(self._tasks[1:], timeout=2.0)
+        await self._unregister()
         tasks = [*self._tasks, *self._checks]
         for _ in range(100):
             pending = [t for t in tasks if not t.done()]
@@ -1383,15 +1409,44 @@ class _Watches:
         ):
             self._fire(key)  # a write after the baseline was heard
 
+    @property
+    def listener_pid(self) -> int | None:
+        """The backend pid of the listener connection, once it is registered."""
+        return None if self._own is None else int(self._own)
+
+    def announce(self, listeners: str | None) -> bool:
+        """Whether a local commit that found ``listeners`` needs a notification.
+
+        Every listener connection registers its backend pid in
+        ``dgen_clock.listeners`` under the clock-row lock (``_register``) and
+        is sent every commit made after that. A commit reads the list under
+        the same lock (the commit functions leave it in ``dgen.listeners``):
+        if it holds no pid but this object's own listener's, nobody else can
+        be watching, and local watches fire directly, so the notification
+        (a statement and a server transaction) is skipped. Unknown (older
+        commit functions): sent. With notify=commit the commit sent it.
+        """
+        if self.in_commit:
+            return False
+        if not listeners:
+            return True
+        pids = listeners[1:-1]  # "{1,2}"
+        return bool(pids) and pids != self._own
+
     def committed(
-        self, version: int, keys: list[bytes], cleared: list[tuple[bytes, bytes]]
+        self,
+        version: int,
+        keys: list[bytes],
+        cleared: list[tuple[bytes, bytes]],
+        listeners: str | None = None,
     ) -> None:
         """Local commit ``version`` wrote ``keys`` and cleared the ranges ``cleared``.
 
         Their watches fire without a re-read: a watch may fire spuriously
-        (the same value written again), never late.
+        (the same value written again), never late. ``listeners``: the
+        registered listeners the commit found (see :meth:`announce`).
         """
-        if not self.in_commit:
+        if self.announce(listeners):
             if _ALL not in self._outbox:
                 tokens = _tokens(keys, cleared, _NOTIFY_LIMIT - 24 - self._outbox_size)
                 if tokens is None:
@@ -1545,16 +1600,17 @@ class _Watches:
             try:
                 await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
                 delay = 0.05
+                # Every commit after this version notifies us.
+                since = await self._register(conn)
                 if connected_once:
                     # Notifications sent while we were away are lost.
                     self.reconnects += 1
                     self.fire_all()
                 else:
-                    await self.check(None)  # watches registered before we listened
+                    # Watches armed before: re-read at a snapshot after since.
+                    await self.check(None)
                 connected_once = True
-                # Every commit after this version notifies us (it was not
-                # visible to a snapshot taken after LISTEN committed).
-                self.heard_from = await self._clock()
+                self.heard_from = since
                 while not self._stopping:
                     async for note in conn.notifies(timeout=self.poll_interval):
                         self._on_note(note.payload)
@@ -1564,7 +1620,39 @@ class _Watches:
                 connected_once = True
             finally:
                 self.heard_from = None
+                self._own = None
                 await conn.close()
+
+    async def _register(self, conn: psycopg.AsyncConnection[Any]) -> int:
+        """Register ``conn``, which listens already (see :meth:`announce`);
+        the version after which every commit notifies it."""
+        try:
+            async with conn.transaction():
+                # Lock first: the list of live backends is read after it, so a
+                # listener registering meanwhile is not dropped as dead.
+                await conn.execute(self.db.sql.lock_clock)
+                cur = await conn.execute(self.db.sql.register)
+                row = await cur.fetchone()
+        except psycopg.errors.UndefinedColumn:
+            # Functions older than version 5 that this role may not replace:
+            # every commit notifies. A commit not visible to a snapshot taken
+            # after LISTEN committed is after this version.
+            return await self._clock()
+        assert row is not None
+        self._own = str(conn.info.backend_pid)
+        return int(row[0])
+
+    async def _unregister(self) -> None:
+        # Best effort: a pid left behind only costs notifications until the
+        # next listener to register drops it (its backend is gone by then).
+        own = self._own
+        if own is None:
+            return
+        try:
+            async with asyncio.timeout(1.0), _pooled(self.db.pool) as conn:
+                await conn.execute(self.db.sql.unregister, (int(own),))
+        except (psycopg.Error, psycopg_pool.PoolTimeout, OSError, TimeoutError) as exc:
+            log.debug("could not unregister the listener: %s", _clean(exc, self.db.url))
 
     async def _clock(self) -> int:
         async with _pooled(self.db.pool) as conn:
