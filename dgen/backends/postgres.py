@@ -17,8 +17,9 @@ and aborts transactions FoundationDB commits (docs/postgres.md):
   its own version and is validated against the log including the earlier
   members' rows; a conflicted member gets NULL and writes nothing;
 * watches: every commit is announced with its version and key hashes, by
-  default in one coalesced ``pg_notify`` per batch after commit (``notify=
-  commit``: inside the commit statement, which takes PostgreSQL's
+  default in one coalesced ``pg_notify`` per batch after commit, and only
+  if another database object's listener is registered (``notify=commit``:
+  always, inside the commit statement, which takes PostgreSQL's
   cluster-wide notify lock); a listener fires the watches older than the
   announced version, arms new watches without a re-read when it has heard
   every commit since their baseline, fires all of them after a reconnect;
