@@ -308,6 +308,7 @@ async def test_connection_lost_during_commit_is_commit_unknown(
                 killer.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
         await db.run(_set(b"earlier", b"x"))
+        await _listener_pid(db)  # it hears the announcement checked below
         await _grow_pool(db)
         # Read-write: the server ends the read session between the reads and
         # the commit. The reads are done and the commit validates them against
@@ -646,11 +647,7 @@ async def test_watch_with_an_old_baseline_fires_from_what_the_listener_heard(
         assert isinstance(db, postgres.PostgresDatabase)
         for key in (b"a", b"b", b"c"):
             await db.run(_set(key, b"0"))
-        for _ in range(100):  # the listener connects in the background
-            if db.watches.heard_from is not None:
-                break
-            await asyncio.sleep(0.05)
-        assert db.watches.heard_from is not None
+        await _listener_pid(db)
 
         async def stale_watch(key: bytes, then: Any) -> dgen.Watch:
             # The baseline is read, then another database object commits,
@@ -731,8 +728,11 @@ async def test_fallback_poll_catches_a_change_nobody_notified(url: str) -> None:
 
 
 async def _listener_pid(db: dgen.Database) -> int:
-    """The pid of ``db``'s listener connection, once it has registered."""
+    """The pid of ``db``'s listener connection, which the first watch starts,
+    once it has registered."""
     assert isinstance(db, postgres.PostgresDatabase)
+    if db.watches.listener_pid is None:
+        (await _watch(db, b"start listening")).cancel()
     for _ in range(100):  # the listener connects in the background
         if db.watches.listener_pid is not None:
             return db.watches.listener_pid
@@ -786,9 +786,11 @@ async def _eavesdrop(db: dgen.Database) -> Any:
 
 async def test_commits_notify_only_while_another_database_object_listens(url: str) -> None:
     """A database object alone on its store sends no notifications (its own
-    watches fire directly); once a second one registers its listener, every
-    commit is announced and wakes the second one's watches (a long poll: the
-    notification must do it); after the second closes, notifications stop."""
+    watches fire directly), nor with another open that has not watched
+    anything (a producer: it does not listen, and its commits are announced
+    to the first); once the second listens (its first watch), every commit
+    is announced and wakes its watches (a long poll: the notification must
+    do it); after the second closes, notifications stop."""
     url += "&watch_poll_interval=600"
     async with dgen.connect(url) as db:
         mine = await _listener_pid(db)
@@ -797,6 +799,11 @@ async def test_commits_notify_only_while_another_database_object_listens(url: st
             await db.run(_set(b"k", b"1"))
             assert await heard(0.5) == []
             async with dgen.connect(url) as other:
+                await other.run(_set(b"j", b"1"))
+                assert len(await heard(0.5)) == 1
+                await db.run(_set(b"k", b"1"))
+                assert await heard(0.5) == []
+                assert await _clock_listeners(db) == [mine]
                 theirs = await _listener_pid(other)
                 assert await _clock_listeners(db) == sorted([mine, theirs])
                 watch = await _watch(other, b"k")
@@ -821,11 +828,11 @@ async def test_a_commit_queued_before_a_listener_registers_is_not_missed(url: st
         try:
             await locker.execute(db.sql.lock_clock)  # a transaction holding the clock row
             commit = asyncio.ensure_future(db.run(_set(b"k", b"1")))
-            await _waiting_for_lock(db, "dgen_commit")
+            await _waiting_for_lock(db, "dgen_commit(")
             async with dgen.connect(url) as other:
                 assert isinstance(other, postgres.PostgresDatabase)
                 watch = await _watch(other, b"k")  # baseline "0": the commit waits
-                await _waiting_for_lock(db, "listeners")
+                await _waiting_for_lock(db, "dgen_clock WHERE id = 1 FOR UPDATE")
                 await locker.rollback()
                 await asyncio.wait_for(commit, WAIT)
                 await asyncio.wait_for(watch, WAIT)
@@ -835,12 +842,14 @@ async def test_a_commit_queued_before_a_listener_registers_is_not_missed(url: st
 
 
 async def _waiting_for_lock(db: dgen.Database, fragment: str) -> None:
+    """Until a backend waits for a lock in a statement on ``db``'s schema
+    with ``fragment`` after the schema's name (other tests share the server)."""
     assert isinstance(db, postgres.PostgresDatabase)
     async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
         for _ in range(int(WAIT / 0.01)):
             cur = await conn.execute(
                 "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
-                (f"%{fragment}%",),
+                (f'%"{db.schema}".{fragment}%',),
             )
             if await cur.fetchone() is not None:
                 return
@@ -908,6 +917,7 @@ async def test_a_store_without_the_listeners_column_still_notifies(url: str) -> 
             )
         async with dgen.connect(url + "&watch_poll_interval=600") as other:
             assert isinstance(other, postgres.PostgresDatabase)
+            (await _watch(other, b"k")).cancel()  # starts the listener
             for _ in range(100):
                 if other.watches.heard_from is not None:
                     break

@@ -1354,21 +1354,31 @@ class _Watches:
         self._stopping = False
         # The listener's backend pid, while it is registered (see announce).
         self._own: str | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._notifier: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._listen(), name="dgen-postgres-listener")]
         if not self.in_commit:
-            self._tasks.append(asyncio.create_task(self._notify(), name="dgen-postgres-notifier"))
+            self._notifier = asyncio.create_task(self._notify(), name="dgen-postgres-notifier")
+            self._tasks.append(self._notifier)
+
+    def _start_listening(self) -> None:
+        # On the first watch, not on open: a database object that never
+        # watches (a producer) neither registers nor receives notifications,
+        # so other objects' commits need not announce themselves to it.
+        if self._listener is None and not self._stopping:
+            self._listener = asyncio.create_task(self._listen(), name="dgen-postgres-listener")
+            self._tasks.append(self._listener)
 
     async def stop(self) -> None:
         # Python 3.11's wait_for (used inside psycopg_pool) can swallow a
         # cancellation, so do not trust one cancel: flag, cancel again, bound.
         self._stopping = True
-        if not self.in_commit:
+        if self._notifier is not None:
             # The notifier sends what is pending, then ends: a process that
             # commits and exits at once still wakes the others.
             self._outbox_ready.set()
-            await asyncio.wait(self._tasks[1:], timeout=2.0)
+            await asyncio.wait([self._notifier], timeout=2.0)
         await self._unregister()
         tasks = [*self._tasks, *self._checks]
         for _ in range(100):
@@ -1394,6 +1404,7 @@ class _Watches:
         if baseline is UNKNOWN:
             watch._fire()
             return
+        self._start_listening()
         key = watch.key
         digest = _key_hash(key)
         if key not in self.waiting:
