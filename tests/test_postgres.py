@@ -880,6 +880,88 @@ async def test_a_listener_gone_without_unregistering_is_dropped_later(url: str) 
             assert await _clock_listeners(db) == sorted([mine, theirs])
 
 
+@pytest.mark.parametrize("group", ["on", "off"])
+async def test_an_unannounced_commit_wakes_a_watch_armed_after_it(url: str, group: str) -> None:
+    """A commit that sends no notification (nobody else listens) is not heard
+    by this object's listener either: it goes into the heard history, so a
+    watch armed after it on an older baseline fires (found by review)."""
+    async with dgen.connect(url + f"&watch_poll_interval=600&group_commit={group}") as db:
+        await db.run(_set(b"k", b"0"))
+        await _listener_pid(db)
+        tr = db.create_transaction()
+        assert await tr.get(b"k") == b"0"
+        await db.run(_set(b"k", b"1"))
+        watch = tr.watch(b"k")
+        await tr.commit()
+        await asyncio.wait_for(watch, WAIT)
+
+
+async def test_closing_sends_every_pending_notification(url: str) -> None:
+    """Commits made while the notifier is sending an earlier batch are sent
+    too when the database closes meanwhile (the last one was lost: found by
+    review). The notifier is held at the pool: pool_size=1, its one
+    connection held by a reader until the close has begun."""
+    async with dgen.connect(url + "&watch_poll_interval=600") as other:
+        await _listener_pid(other)
+        watch = await _watch(other, b"y")
+        db = await dgen.connect(url + "&pool_size=1")
+        holder = db.create_transaction()
+        await holder.get(b"x")
+        await db.run(_set(b"x", b"1"))  # announced: the notifier waits for the pool
+        await asyncio.sleep(0.05)
+        await db.run(_set(b"y", b"1"))
+
+        async def release() -> None:
+            await asyncio.sleep(0.2)  # the close has begun
+            await holder.rollback()
+
+        releasing = asyncio.ensure_future(release())
+        await db.aclose()
+        await releasing
+        await asyncio.wait_for(watch, WAIT)
+
+
+async def test_a_role_that_may_not_register_still_watches(
+    postgres_server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A role with SELECT only (it may not lock dgen_clock) cannot register
+    its listener: it listens unregistered, with a warning, its watches fire
+    (here through the poll), and it does not reconnect in a loop (found by
+    review: 1,700 sessions in 4 s, and no watch ever fired)."""
+    if postgres_server.cluster is None:
+        pytest.skip("needs a throwaway cluster to create roles")
+    owner_url = fresh_schema_url(postgres_server.cluster.url)
+    try:
+        async with dgen.connect(owner_url) as db:
+            assert isinstance(db, postgres.PostgresDatabase)
+            await db.run(_set(b"k", b"0"))
+            schema = sql.Identifier(db.schema)
+            async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
+                await conn.execute(
+                    "DO $$ BEGIN CREATE ROLE dgen_watcher LOGIN; "
+                    "EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+                )
+                for grant in ("USAGE ON SCHEMA {}", "SELECT ON ALL TABLES IN SCHEMA {}"):
+                    await conn.execute(sql.SQL(f"GRANT {grant} TO dgen_watcher").format(schema))
+            watcher_url = owner_url.replace("//postgres@", "//dgen_watcher@", 1)
+            assert watcher_url != owner_url
+            with caplog.at_level("WARNING", logger="dgen.backends.postgres"):
+                async with dgen.connect(watcher_url + "&watch_poll_interval=0.2") as watcher:
+                    assert isinstance(watcher, postgres.PostgresDatabase)
+                    watch = await _watch(watcher, b"k")
+                    for _ in range(int(WAIT / 0.05)):  # the listener has started
+                        if watcher.watches.heard_from is not None:
+                            break
+                        await asyncio.sleep(0.05)
+                    assert watcher.watches.heard_from is not None
+                    assert watcher.watches.listener_pid is None
+                    await db.run(_set(b"k", b"1"))
+                    await asyncio.wait_for(watch, WAIT)
+            assert "cannot register its listener" in caplog.text
+    finally:
+        drop_schema(owner_url)
+
+
 async def test_a_store_made_before_the_listeners_column_gets_it(url: str) -> None:
     """Functions older than version 5 (no listeners column) are replaced on
     open and the column added; listeners then register."""

@@ -1355,6 +1355,7 @@ class _Watches:
         # The listener's backend pid, while it is registered (see announce).
         self._own: str | None = None
         self._listener: asyncio.Task[None] | None = None
+        self._warned = False
         self._notifier: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -1468,6 +1469,13 @@ class _Watches:
                     self._outbox_size += sum(len(t) + 1 for t in tokens)
             self._outbox_version = max(self._outbox_version, version)
             self._outbox_ready.set()
+        elif not self.in_commit:
+            # Unannounced, so this object's listener will not hear it either:
+            # into the history here, for a watch armed later on an older
+            # baseline (see add).
+            self._hear(version, [_key_hash(k) for k in keys])
+            for begin, end in cleared:
+                self._hear_range(version, begin, end)
         if not self.waiting:
             return
         for key in keys:
@@ -1587,10 +1595,12 @@ class _Watches:
                 self._drop(key)
 
     async def _notify(self) -> None:
-        while not self._stopping:
+        while True:
             await self._outbox_ready.wait()
             self._outbox_ready.clear()
             batch, self._outbox, self._outbox_size = self._outbox, set(), 0
+            if not batch and self._stopping:
+                return  # closing: everything committed before has been sent
             if batch:
                 payload = f"{self._outbox_version} {' '.join(sorted(batch))}"
                 try:
@@ -1611,7 +1621,6 @@ class _Watches:
                 continue
             try:
                 await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
-                delay = 0.05
                 # Every commit after this version notifies us.
                 since = await self._register(conn)
                 if connected_once:
@@ -1623,6 +1632,7 @@ class _Watches:
                     await self.check(None)
                 connected_once = True
                 self.heard_from = since
+                delay = 0.05  # (not before: a failure that repeats must back off)
                 while not self._stopping:
                     async for note in conn.notifies(timeout=self.poll_interval):
                         self._on_note(note.payload)
@@ -1634,6 +1644,8 @@ class _Watches:
                 self.heard_from = None
                 self._own = None
                 await conn.close()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     async def _register(self, conn: psycopg.AsyncConnection[Any]) -> int:
         """Register ``conn``, which listens already (see :meth:`announce`);
@@ -1649,6 +1661,21 @@ class _Watches:
             # Functions older than version 5 that this role may not replace:
             # every commit notifies. A commit not visible to a snapshot taken
             # after LISTEN committed is after this version.
+            return await self._clock()
+        except (psycopg.errors.InsufficientPrivilege, psycopg.errors.ReadOnlySqlTransaction) as exc:
+            # A role that may not write dgen_clock cannot commit either, but
+            # may watch: unregistered, a commit made while no registered
+            # listener is open is not announced, and only the poll sees it.
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "this role cannot register its listener on schema %r (%s); its "
+                    "watches may wait up to watch_poll_interval (%g s) for changes: "
+                    "grant it UPDATE on dgen_clock (docs/postgres.md)",
+                    self.db.schema,
+                    str(exc).strip(),
+                    self.poll_interval,
+                )
             return await self._clock()
         assert row is not None
         self._own = str(conn.info.backend_pid)
