@@ -267,28 +267,37 @@ BEGIN
                 USING ERRCODE = '40001';
         END IF;
     END IF;
-    DELETE FROM {s}.dgen_kv AS kv USING unnest(cb, ce) AS r(b, e)
-        WHERE kv.key >= r.b AND kv.key < r.e;
-    DELETE FROM {s}.dgen_kv WHERE key = ANY(ck);
-    INSERT INTO {s}.dgen_kv SELECT * FROM unnest(sk, sv)
-        ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
+    -- Statements with nothing to do are skipped: each costs an executor
+    -- start (a one-key write, synchronous_commit off: 195 -> 135 us).
+    IF cardinality(cb) > 0 THEN
+        DELETE FROM {s}.dgen_kv AS kv USING unnest(cb, ce) AS r(b, e)
+            WHERE kv.key >= r.b AND kv.key < r.e;
+        INSERT INTO {s}.dgen_log SELECT v, b, e FROM unnest(cb, ce) AS r(b, e);
+    END IF;
+    IF cardinality(ck) > 0 THEN
+        DELETE FROM {s}.dgen_kv WHERE key = ANY(ck);
+    END IF;
+    IF cardinality(sk) > 0 THEN
+        INSERT INTO {s}.dgen_kv SELECT * FROM unnest(sk, sv)
+            ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
+    END IF;
     FOR i IN 1 .. coalesce(cardinality(ak), 0) LOOP
         INSERT INTO {s}.dgen_kv VALUES (ak[i], {s}.dgen_add(NULL, ad[i]))
             ON CONFLICT (key) DO UPDATE SET value = {s}.dgen_add({s}.dgen_kv.value, ad[i]);
     END LOOP;
-    stamp := int8send(v) || '\\x0000'::bytea;
-    INSERT INTO {s}.dgen_kv
-        SELECT overlay(k PLACING stamp FROM o + 1 FOR 10), val
-        FROM unnest(tk, toff, tv) AS t(k, o, val)
-        ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
-    INSERT INTO {s}.dgen_log
-        SELECT v, b, e FROM unnest(cb, ce) AS r(b, e)
-        UNION ALL
-        SELECT v, k, k || '\\x00'::bytea FROM unnest(ck || sk || ak) AS k
-        UNION ALL
-        SELECT v, f, f || '\\x00'::bytea FROM (
+    IF cardinality(ck || sk || ak) > 0 THEN
+        INSERT INTO {s}.dgen_log SELECT v, k, k || '\\x00'::bytea FROM unnest(ck || sk || ak) AS k;
+    END IF;
+    IF cardinality(tk) > 0 THEN
+        stamp := int8send(v) || '\\x0000'::bytea;
+        INSERT INTO {s}.dgen_kv
+            SELECT overlay(k PLACING stamp FROM o + 1 FOR 10), val
+            FROM unnest(tk, toff, tv) AS t(k, o, val)
+            ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
+        INSERT INTO {s}.dgen_log SELECT v, f, f || '\\x00'::bytea FROM (
             SELECT overlay(k PLACING stamp FROM o + 1 FOR 10) FROM unnest(tk, toff) AS t(k, o)
         ) AS s(f);
+    END IF;
     IF v % prune_every = 0 AND v > log_window THEN
         EXECUTE format('DELETE FROM %I.dgen_log WHERE version BETWEEN 0 AND $1', {sl})
             USING v - log_window;
@@ -424,13 +433,13 @@ BEGIN
     END IF;
     RETURN result;
 END $$;
-COMMENT ON FUNCTION {s}.dgen_commit_group IS 'dgen group commit 5';
+COMMENT ON FUNCTION {s}.dgen_commit_group IS 'dgen group commit 6';
 """.replace("{crash_check}", _sentinel_check("n", "version - n, pruned INTO v0, p"))
 # The COMMENT above: a changed body of either commit function bumps it (2:
-# enable_seqscan off; 4: the crash sentinel; 5: the listeners column), and
-# opening a store replaces older bodies of both (never newer ones: see
-# _function_version).
-_GROUP_VERSION = "dgen group commit 5"
+# enable_seqscan off; 4: the crash sentinel; 5: the listeners column; 6:
+# dgen_commit skips empty statements), and opening a store replaces older
+# bodies of both (never newer ones: see _function_version).
+_GROUP_VERSION = "dgen group commit 6"
 
 
 def _function_version(comment: str | None) -> int:
