@@ -1478,10 +1478,11 @@ class _Watches:
                     self._outbox_size += sum(len(t) + 1 for t in tokens)
             self._outbox_version = max(self._outbox_version, version)
             self._outbox_ready.set()
-        elif not self.in_commit:
+        elif not self.in_commit and self._listener is not None:
             # Unannounced, so this object's listener will not hear it either:
             # into the history here, for a watch armed later on an older
-            # baseline (see add).
+            # baseline (see add). Without a listener task, a registration
+            # comes after this commit, so its watches re-read instead.
             self._hear(version, [_key_hash(k) for k in keys])
             for begin, end in cleared:
                 self._hear_range(version, begin, end)
