@@ -6,6 +6,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +37,21 @@ def postgres_server() -> Iterator[object]:
         pytest.skip(str(exc))
     yield server
     server.close()
+
+
+@pytest.fixture
+def owner_url(postgres_server: Any) -> Iterator[str]:
+    """A fresh schema on a throwaway cluster, as its superuser, for tests that
+    create roles (pgserver.role_url); skips on an explicit server URL."""
+    from pgserver import drop_schema, fresh_schema_url
+
+    if postgres_server.cluster is None:
+        pytest.skip("needs a throwaway cluster to create roles")
+    url = fresh_schema_url(postgres_server.cluster.url)
+    try:
+        yield url
+    finally:
+        drop_schema(url)
 
 
 def make_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:

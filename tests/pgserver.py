@@ -228,6 +228,31 @@ def drop_schema(url: str) -> None:
         pass
 
 
+def role_url(owner_url: str, role: str, privileges: list[str]) -> str:
+    """``owner_url`` as LOGIN role ``role`` (created if missing), granted
+    USAGE on the URL's schema and ``privileges`` on all its tables."""
+    import psycopg
+    from psycopg import sql
+
+    from dgen.backends.postgres import _parse
+    from dgen.urls import URL
+
+    conninfo, schema, *_ = _parse(URL.parse(owner_url))
+    name, where = sql.Identifier(role), sql.Identifier(schema)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() is None:
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(name))
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(where, name))
+        conn.execute(
+            sql.SQL("GRANT {} ON ALL TABLES IN SCHEMA {} TO {}").format(
+                sql.SQL(", ").join(sql.SQL(p) for p in privileges), where, name
+            )
+        )
+    url = owner_url.replace("postgresql://postgres@", f"postgresql://{role}@", 1)
+    assert url != owner_url, "the tests' cluster URL names the postgres role"
+    return url
+
+
 def sql_drop(schema: str) -> bytes:
     from psycopg import sql
 

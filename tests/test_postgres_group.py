@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from pgserver import Server, drop_schema, fresh_schema_url
+from pgserver import Server, drop_schema, fresh_schema_url, role_url
 from psycopg import sql
 
 import dgen
@@ -604,18 +604,23 @@ async def test_bad_group_commit_option_is_refused() -> None:
         await dgen.connect("postgresql://u@/db?group_commit=maybe")
 
 
+async def _drop_group_function(db: postgres.PostgresDatabase) -> None:
+    """Make the store look like one made before dgen_commit_group existed."""
+    async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
+        await conn.execute(
+            sql.SQL("DROP FUNCTION {}.{}").format(
+                sql.Identifier(db.schema), sql.SQL(postgres._GROUP_SIGNATURE)
+            )
+        )
+
+
 async def test_a_store_made_before_group_commit_gets_the_function(url: str) -> None:
     """An older DGen's store has no dgen_commit_group: opening it adds it;
     an older version of it is replaced."""
     async with dgen.connect(url) as db:
         assert isinstance(db, postgres.PostgresDatabase)
         await db.run(_set(b"k", b"v"))
-        async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
-            await conn.execute(
-                sql.SQL("DROP FUNCTION {}.{}").format(
-                    sql.Identifier(db.schema), sql.SQL(postgres._GROUP_SIGNATURE)
-                )
-            )
+        await _drop_group_function(db)
     async with dgen.connect(url) as db:
         assert isinstance(db, postgres.PostgresDatabase) and db.committer.enabled
         async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
@@ -668,47 +673,23 @@ async def test_a_newer_dgens_commit_functions_are_not_replaced(url: str) -> None
 
 
 async def test_a_role_that_may_not_create_the_function_commits_without_groups(
-    postgres_server: Server, caplog: pytest.LogCaptureFixture
+    owner_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An application role without CREATE on an older store's schema: group
     commit stays off, with a warning, and commits work as before."""
-    if postgres_server.cluster is None:
-        pytest.skip("needs a throwaway cluster to create roles")
-    owner_url = fresh_schema_url(postgres_server.cluster.url)
-    try:
-        async with dgen.connect(owner_url) as db:
+    async with dgen.connect(owner_url) as db:
+        assert isinstance(db, postgres.PostgresDatabase)
+        await db.run(_set(b"seed", b"1"))
+        await _drop_group_function(db)
+    app_url = role_url(owner_url, "dgen_app", ["SELECT", "INSERT", "UPDATE", "DELETE"])
+    with caplog.at_level("WARNING", logger="dgen.backends.postgres"):
+        async with dgen.connect(app_url) as db:
             assert isinstance(db, postgres.PostgresDatabase)
-            await db.run(_set(b"seed", b"1"))
-            schema = sql.Identifier(db.schema)
-            async with await psycopg.AsyncConnection.connect(db.conninfo, autocommit=True) as conn:
-                await conn.execute(
-                    sql.SQL("DROP FUNCTION {}.{}").format(
-                        schema, sql.SQL(postgres._GROUP_SIGNATURE)
-                    )
-                )
-                await conn.execute(
-                    "DO $$ BEGIN CREATE ROLE dgen_app LOGIN; "
-                    "EXCEPTION WHEN duplicate_object THEN NULL; END $$"
-                )
-                await conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO dgen_app").format(schema))
-                await conn.execute(
-                    sql.SQL(
-                        "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {} "
-                        "TO dgen_app"
-                    ).format(schema)
-                )
-        app_url = owner_url.replace("postgresql://postgres@", "postgresql://dgen_app@", 1)
-        assert app_url != owner_url
-        with caplog.at_level("WARNING", logger="dgen.backends.postgres"):
-            async with dgen.connect(app_url) as db:
-                assert isinstance(db, postgres.PostgresDatabase)
-                assert not db.committer.enabled
-                await asyncio.gather(*(db.run(_set(b"k%d" % i, b"v")) for i in range(8)))
-                assert await _get(db, b"k7") == b"v"
-                assert db.committer.groups == 0
-        assert "open the store once as its owner" in caplog.text
-    finally:
-        drop_schema(owner_url)
+            assert not db.committer.enabled
+            await asyncio.gather(*(db.run(_set(b"k%d" % i, b"v")) for i in range(8)))
+            assert await _get(db, b"k7") == b"v"
+            assert db.committer.groups == 0
+    assert "open the store once as its owner" in caplog.text
 
 
 async def _seqscan_settings(conn: psycopg.AsyncConnection[Any], schema: str) -> dict[str, Any]:
