@@ -920,6 +920,10 @@ async def test_closing_sends_every_pending_notification(url: str) -> None:
         await db.aclose()
         await releasing
         await asyncio.wait_for(watch, WAIT)
+        # It ended by itself once done, not cancelled after the close's grace.
+        assert isinstance(db, postgres.PostgresDatabase)
+        notifier = db.watches._notifier
+        assert notifier is not None and notifier.done() and not notifier.cancelled()
 
 
 async def test_a_role_that_may_not_register_still_watches(

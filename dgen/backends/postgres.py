@@ -1606,11 +1606,11 @@ class _Watches:
 
     async def _notify(self) -> None:
         while True:
+            if self._stopping and not self._outbox:
+                return  # closing: everything committed before has been sent
             await self._outbox_ready.wait()
             self._outbox_ready.clear()
             batch, self._outbox, self._outbox_size = self._outbox, set(), 0
-            if not batch and self._stopping:
-                return  # closing: everything committed before has been sent
             if batch:
                 payload = f"{self._outbox_version} {' '.join(sorted(batch))}"
                 try:
