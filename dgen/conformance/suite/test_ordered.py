@@ -22,6 +22,7 @@ from dgen.store import Database, Transaction
 __all__ = [
     "test_versionstamp_readable_after_commit",
     "test_several_stamped_keys_in_one_transaction_follow_user_version",
+    "test_the_same_stamped_key_written_twice_keeps_the_last_value",
     "test_stamps_follow_commit_order",
     "test_stamps_agree_with_serial_order",
     "test_monotonic_visibility_concurrent_tasks",
@@ -90,6 +91,29 @@ async def test_several_stamped_keys_in_one_transaction_follow_user_version(
     assert [unpack(v)[0] for _, v in pairs] == sorted(versions)
     assert (await read_prefix(store.db, store.key("plain"), store.key("plain") + b"\x00")) == [
         (store.key("plain"), b"p")
+    ]
+
+
+@conformance_test()
+async def test_the_same_stamped_key_written_twice_keeps_the_last_value(
+    store: ConformanceStore,
+) -> None:
+    """Writing one ordered-commit key (same template, same user version)
+    twice in a transaction makes one key, with the last value, as a plain
+    key set twice does."""
+
+    async def write(tr: Transaction) -> None:
+        for value in (b"first", b"second"):
+            key, offset = _stamped(store, "twice", user_version=3)
+            tr.set_versionstamped_key(key, offset, value)
+        key, offset = _stamped(store, "twice", user_version=4)
+        tr.set_versionstamped_key(key, offset, b"other")
+
+    await store.db.run(write)
+    pairs = await read_prefix(store.db, *store.range("twice"))
+    assert [(_stamp_of(store, k).user_version, v) for k, v in pairs] == [
+        (3, b"second"),
+        (4, b"other"),
     ]
 
 
