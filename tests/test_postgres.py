@@ -926,6 +926,32 @@ async def test_closing_sends_every_pending_notification(url: str) -> None:
         assert notifier is not None and notifier.done() and not notifier.cancelled()
 
 
+@pytest.mark.parametrize("group", ["on", "off"])
+async def test_a_commit_in_flight_when_closing_is_announced(url: str, group: str) -> None:
+    """Closing waits (up to its grace) for a commit being sent, with or
+    without group commit, and announces it (found by review: with
+    group_commit=off the commit landed after the notifier had stopped)."""
+    url += "&watch_poll_interval=600"
+    async with dgen.connect(url) as other:
+        await _listener_pid(other)
+        watch = await _watch(other, b"k")
+        db = await dgen.connect(url + f"&group_commit={group}")
+        assert isinstance(db, postgres.PostgresDatabase)
+        locker = await psycopg.AsyncConnection.connect(db.conninfo)
+        try:
+            await locker.execute(db.sql.lock_clock)
+            commit = asyncio.ensure_future(db.run(_set(b"k", b"1")))
+            await _waiting_for_lock(db, "dgen_commit(")
+            closing = asyncio.ensure_future(db.aclose())
+            await asyncio.sleep(0.2)
+            await locker.rollback()
+            await asyncio.wait_for(commit, WAIT)
+            await asyncio.wait_for(closing, WAIT)
+        finally:
+            await locker.close()
+        await asyncio.wait_for(watch, WAIT)
+
+
 async def test_a_role_that_may_not_register_still_watches(
     owner_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

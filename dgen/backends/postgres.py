@@ -1025,6 +1025,7 @@ class _GroupCommit:
         self.enabled = enabled
         self._queue: collections.deque[_Member] = collections.deque()
         self._busy = False  # a statement is being sent, or the task runs
+        self._alone = 0  # group_commit=off: commits being sent on their own connections
         self._closed = False
         self._task: asyncio.Task[None] | None = None
         self._conn: psycopg.AsyncConnection[Any] | None = None
@@ -1054,7 +1055,11 @@ class _GroupCommit:
         lone commit sent by its own task is cancelled on the server too."""
         if not self.enabled:
             assert member.conn is not None
-            return self._unwrap((await self._send([member], member.conn))[0])
+            self._alone += 1
+            try:
+                return self._unwrap((await self._send([member], member.conn))[0])
+            finally:
+                self._alone -= 1
         if self.db.closed:
             raise UnavailableError(f"{self.db.url} was closed")
         if not self._busy:
@@ -1292,10 +1297,12 @@ class _GroupCommit:
     async def close(self) -> None:
         """Send what is queued (for at most :data:`_CLOSE_GRACE` seconds),
         then close the connection: a statement still out gets
-        CommitUnknownError, commits still queued UnavailableError."""
+        CommitUnknownError, commits still queued UnavailableError. With
+        group_commit=off, wait as long for commits being sent on their own
+        connections, so that the notifier, stopped next, announces them."""
         loop = self.db.loop
         deadline = loop.time() + _CLOSE_GRACE
-        while self._busy and loop.time() < deadline:
+        while (self._busy or self._alone) and loop.time() < deadline:
             if self._task is not None:
                 await asyncio.wait([self._task], timeout=deadline - loop.time())
             else:
