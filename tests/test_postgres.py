@@ -1032,6 +1032,19 @@ async def test_watches_fail_when_the_database_closes(url: str) -> None:
         await watch
 
 
+async def test_a_watch_armed_after_close_fails(url: str) -> None:
+    """A transaction that read before the close and commits after it: its
+    watch fails at once (found by review: it waited for ever)."""
+    db = await dgen.connect(url)
+    tr = db.create_transaction()
+    await tr.get(b"k")
+    await db.aclose()
+    watch = tr.watch(b"k")
+    await tr.commit()
+    with pytest.raises(UnavailableError, match="closed"):
+        await asyncio.wait_for(watch, WAIT)
+
+
 async def test_local_commit_wakes_local_watch_and_counter_adds_commute(url: str) -> None:
     async with dgen.connect(url + "&watch_poll_interval=600") as db:
         watch = await _watch(db, b"n")

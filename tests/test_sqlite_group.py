@@ -335,6 +335,22 @@ async def test_a_commit_after_close_is_refused(tmp_path: Path, commit: str) -> N
     assert db._writer is None
 
 
+async def test_a_watch_armed_after_close_fails(tmp_path: Path) -> None:
+    """A transaction that read before the close and commits after it: its
+    watch fails at once, and no watcher thread starts anew (found by
+    review: the watch waited for ever)."""
+    db = await dgen.connect(f"sqlite:///{tmp_path}/w.db")
+    assert isinstance(db, SQLiteDatabase)
+    tr = db.create_transaction()
+    await tr.get(b"k")
+    await db.aclose()
+    watch = tr.watch(b"k")
+    await tr.commit()
+    with pytest.raises(UnavailableError, match="closed"):
+        await asyncio.wait_for(watch, 30)
+    assert db._watcher is None or not db._watcher.is_alive()
+
+
 async def test_a_cancelled_close_still_releases_everything(tmp_path: Path) -> None:
     """aclose waits for queued commits; cancelled while waiting, it still
     closes the store, and the commit it waited for ends normally."""

@@ -1427,6 +1427,11 @@ class _Watches:
         if baseline is UNKNOWN:
             watch._fire()
             return
+        if self._stopping:
+            # A transaction that read before the close commits after it: its
+            # watch would wait for ever.
+            watch._fail(UnavailableError("the database was closed"))
+            return
         self._start_listening()
         key = watch.key
         digest = _key_hash(key)

@@ -1022,6 +1022,11 @@ class SQLiteDatabase(Database):
     # -- watches -----------------------------------------------------------
 
     def _add_watch(self, watch: Watch, baseline: object) -> None:
+        if self._closed:
+            # A transaction that read before the close commits after it: its
+            # watch would wait for ever (and start a watcher thread anew).
+            watch._fail(UnavailableError(f"{self.url} was closed"))
+            return
         with self._fresh_lock:
             self._watch_generation += 1
             self._fresh.add(watch.key)
