@@ -316,7 +316,9 @@ class Transaction(abc.ABC):
         included); if the stored value already differs at commit, the watch
         fires at once. A change that is reverted before the watcher checks
         may go unreported (as in FoundationDB): watch keys whose values only
-        move forward, such as counters.
+        move forward, such as counters. Closing the database fails its
+        pending watches with :class:`UnavailableError`, and so a watch armed
+        by a commit after the close.
         """
 
     @abc.abstractmethod
