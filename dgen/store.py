@@ -316,9 +316,10 @@ class Transaction(abc.ABC):
         included); if the stored value already differs at commit, the watch
         fires at once. A change that is reverted before the watcher checks
         may go unreported (as in FoundationDB): watch keys whose values only
-        move forward, such as counters. Closing the database fails its
-        pending watches with :class:`UnavailableError`, and so a watch armed
-        by a commit after the close.
+        move forward, such as counters. On SQLite and PostgreSQL, closing
+        the database fails its pending watches with
+        :class:`UnavailableError`, and so a watch armed by a commit after
+        the close; ``memory://`` keeps them (its store outlives the object).
         """
 
     @abc.abstractmethod
