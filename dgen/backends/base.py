@@ -64,6 +64,10 @@ class WriteBuffer:
     cleared: list[tuple[bytes, bytes]] = field(default_factory=list)
     stamped: list[tuple[bytes, int, bytes]] = field(default_factory=list)
     size: int = 0
+    # Where each ordered-commit key is in ``stamped``, by its template
+    # outside the stamp and its offset: one written twice is one key, so the
+    # later write replaces the earlier (as for a plain key set twice).
+    _stamped_at: dict[tuple[bytes, bytes, int], int] = field(default_factory=dict)
 
     def _put(self, key: bytes, op: Op) -> None:
         if key not in self.points:
@@ -76,6 +80,16 @@ class WriteBuffer:
 
     def clear(self, key: bytes) -> None:
         self._put(key, Op(CLEAR))
+
+    def set_stamped(self, key: bytes, offset: int, value: bytes) -> None:
+        at = (key[:offset], key[offset + 10 :], offset)
+        i = self._stamped_at.get(at)
+        if i is None:
+            self._stamped_at[at] = len(self.stamped)
+            self.stamped.append((key, offset, value))
+        else:
+            self.stamped[i] = (key, offset, value)
+        self.size += len(key) + len(value)
 
     def add(self, key: bytes, delta: int) -> None:
         old = self.points.get(key)
@@ -327,8 +341,7 @@ class BufferedTransaction(Transaction):
         self._check_write(key, value)
         if not 0 <= offset <= len(key) - 10:
             raise ValueError(f"versionstamp offset {offset} is outside the {len(key)}-byte key")
-        self.buffer.stamped.append((key, offset, value))
-        self.buffer.size += len(key) + len(value)
+        self.buffer.set_stamped(key, offset, value)
 
     def get_versionstamp(self) -> asyncio.Future[bytes]:
         self._check_open()

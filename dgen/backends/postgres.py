@@ -847,13 +847,7 @@ class PostgresTransaction(BufferedTransaction):
         cleared = list(buf.cleared)
         written = [*clears, *set_keys, *add_keys]
         watches = db.watches
-        stamped = buf.stamped
-        if len(stamped) > 1:
-            # One template written twice makes one key: the last write wins,
-            # as on every backend (one INSERT cannot update a row twice).
-            last = {(k[:o], k[o + 10 :], o): (k, o, v) for k, o, v in stamped}
-            if len(last) < len(stamped):
-                stamped = list(last.values())
+        stamped = buf.stamped  # each key once (Buffer.set_stamped): one INSERT
         raw: dict[str, list[Any]] = {
             "rb": begins, "re": ends,
             "cb": [b for b, _ in cleared], "ce": [e for _, e in cleared],
