@@ -39,6 +39,7 @@ import socket
 import time
 import traceback
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -77,6 +78,9 @@ _CONTINUE = object()
 
 # Reply slots are collected this long after their deadline (clock-skew margin).
 _REPLY_GRACE_SECONDS = 60
+# Consumers of each database object now reading with four tasks (_consume).
+_gathering: weakref.WeakKeyDictionary[Database, int] = weakref.WeakKeyDictionary()
+_GATHER_MAX = 8
 # Tracebacks kept in attempt records and dead letters are cut to this length.
 _MAX_TRACEBACK = 16_000
 _HOLDER = f"{socket.gethostname()}:{os.getpid()}"
@@ -526,26 +530,41 @@ class Consumer:
         # longer conflicts with every producer appending behind it. A probe
         # reads one key, which conflicts with nothing behind it anyway.
         limit = 1 if self._probing else self._batch_limit or self.batch_size
-        raw_lock = await read_blob(tr, self.keys.lock)
+        head: tuple[list[Message], bool] | None = None
+        gathering = _gathering.get(self.db, 0)
+        if self._together and gathering < _GATHER_MAX:
+            # All four reads in one round trip. Each read waits as a task of
+            # its own (about 10 KB in all) until the transaction has a pooled
+            # connection, so only a few consumers of a database do this at
+            # once: 1,000 consumers starting together would cost 10 MB.
+            _gathering[self.db] = gathering + 1
+            try:
+                raw_lock, token, head, _ = await asyncio.gather(
+                    read_blob(tr, self.keys.lock),
+                    tr.get(self.keys.version),
+                    read_head(tr, self.keys, limit, snapshot=not self._probing),
+                    tr.get(self.keys.push, snapshot=True),
+                )
+            finally:
+                _gathering[self.db] -= 1
+        else:
+            raw_lock = await read_blob(tr, self.keys.lock)
         if raw_lock is not None:
             record = _LockRecord.decode(raw_lock)
             remaining = record.deadline - time.time()
             if remaining > 0 and record.owner != self.owner:
                 return _Wait(tr.watch(self.keys.lock), remaining + 0.01, locked=True)
             return await self._take_over(tr, record)
-        head: tuple[list[Message], bool] | None = None
-        if self._together:
-            # One round trip instead of three (the push key is the baseline of
-            # the watch armed when the batch empties the queue, else read at
-            # commit). Not with the lock read: that one waits for a pooled
-            # connection, and a task per read waiting there cost 10 KB per
-            # consumer (1,000 consumers starting at once: 54 -> 64 MB).
+        if head is None and self._together:
+            # The other three together, on the snapshot the lock read began
+            # (the push key is the baseline of the watch armed when the batch
+            # empties the queue, else read at commit).
             token, head, _ = await asyncio.gather(
                 tr.get(self.keys.version),
                 read_head(tr, self.keys, limit, snapshot=not self._probing),
                 tr.get(self.keys.push, snapshot=True),
             )
-        else:
+        elif head is None:
             token = await tr.get(self.keys.version)
         current = await self._state_at(tr, token)
         if current is None:

@@ -159,9 +159,11 @@ class Handle:
         before the reply arrived. Raises :class:`dgen.codec.UnencodableError`
         before writing anything if ``request`` cannot be stored.
 
-        Two durable commits: the enqueue and the consumer's. The reply is
-        read in a read-only transaction; its slot is cleared by this
-        handle's next enqueue (see :meth:`clear_finished`).
+        Two durable commits: the enqueue and the consumer's. The reply
+        comes with the watch that wakes the caller where the backend has it
+        at hand (:attr:`dgen.Watch.value`), else from a read-only
+        transaction; its slot is cleared by this handle's next enqueue (see
+        :meth:`clear_finished`).
         """
         payload = codec.encode(request)
         if timeout <= 0:
@@ -197,6 +199,11 @@ class Handle:
                     return await self._give_up(slot, timeout)
                 finally:
                     watch.cancel()
+                reply = watch.value
+                if reply is not None and reply[:1] == _INLINE:
+                    # The backend had the committed reply at hand (see Watch.value).
+                    self._finished[slot] = False
+                    return codec.decode(reply[1:])
                 # Read-only: its commit writes nothing (no fsync) on every backend.
                 outcome = await self.db.run(lambda tr: self._check_slot(tr, slot))
                 if isinstance(outcome, Watch):

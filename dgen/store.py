@@ -184,10 +184,16 @@ class Watch:
     transaction's error. :meth:`cancel` releases it.
     """
 
-    __slots__ = ("_future", "key")
+    __slots__ = ("_future", "key", "value")
 
     def __init__(self, key: bytes) -> None:
         self.key = key
+        self.value: bytes | None = None
+        """Once fired: the key's new value if the backend had it at hand (a
+        commit of this database object wrote it, or the backend read it to
+        decide to fire), which saves the watcher a read; else None (not
+        known, or the key was cleared). Like any value read outside a
+        transaction it may be stale by the time it is used."""
         self._future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def __await__(self) -> Generator[Any, None, None]:
@@ -200,8 +206,9 @@ class Watch:
         self._future.cancel()
 
     # Backends call these; safe from the event loop thread only.
-    def _fire(self) -> None:
+    def _fire(self, value: bytes | None = None) -> None:
         if not self._future.done():
+            self.value = value
             self._future.set_result(None)
 
     def _fail(self, exc: BaseException) -> None:

@@ -174,10 +174,16 @@ async def test_a_call_commits_once_on_the_caller_side(db: Database) -> None:
     async with dgen.start(Echo(), db, "one"):
         for i in range(1, 21):
             assert await h.call("count", timeout=WAIT) == i
-    # One write per call (the enqueue, carrying the previous slot's clear);
-    # the replies were read in transactions that wrote nothing.
+    # One write per call (the enqueue, carrying the previous slot's clear).
     assert counting.write_commits == 20
-    assert counting.read_commits >= 20
+    if type(db).__module__.endswith(".fdb"):
+        # Its watches carry no value: each reply is read in a transaction
+        # that writes nothing.
+        assert counting.read_commits >= 20
+    else:
+        # The consumer's commit fired the caller's watch with the reply in
+        # it (Watch.value): nothing is read after the wake-up.
+        assert counting.read_commits == 0
 
 
 async def test_a_call_costs_the_consumer_one_transaction(db: Database) -> None:

@@ -35,6 +35,7 @@ from pgserver import (
 from psycopg import sql
 
 import dgen
+from dgen import consumer
 from dgen.backends import postgres
 from dgen.keys import Versionstamp, pack_with_versionstamp, range_of
 from dgen.store import (
@@ -1330,6 +1331,58 @@ async def test_concurrent_reads_go_out_as_one_statement(url: str) -> None:
         assert await kept == b"v2"
         assert dropped.cancelled()
         await tr.rollback()
+
+
+class _Tally(dgen.DGenServer):
+    def __init__(self) -> None:
+        self.added = asyncio.Event()
+
+    def init(self, arg: Any) -> Any:
+        return 0
+
+    def handle_cast(self, message: Any, state: Any) -> Any:
+        if message == "lock":
+            return dgen.Lock(state)
+        return dgen.NoReply(state + 1, actions=[lambda _: self.added.set()])
+
+    def handle_call(self, request: Any, caller: dgen.Caller, state: Any) -> Any:
+        return dgen.Reply(state, state)
+
+    async def handle_locked(self, kind: str, message: Any, state: Any) -> Any:
+        return dgen.NoReply(state + 100)
+
+
+@pytest.mark.parametrize("gather_max", [consumer._GATHER_MAX, 0])
+async def test_a_consume_transaction_reads_in_one_statement_unless_many_read_at_once(
+    url: str, monkeypatch: pytest.MonkeyPatch, gather_max: int
+) -> None:
+    """A consumer's lock, version, queue-head and push-key reads are one
+    statement. Past a few consumers of one database reading at once (each of
+    those reads waits for a connection as a task of its own), a consumer
+    reads its lock first, one statement more, with the same outcome. A
+    local caller reads nothing after its wake-up."""
+    monkeypatch.setattr(consumer, "_GATHER_MAX", gather_max)
+    tally = _Tally()
+    async with dgen.connect(url) as db, dgen.start(tally, db, "reads") as running:
+        assert isinstance(db, postgres.PostgresDatabase)
+        stats = running.stats
+        for i in range(7):
+            if i == 2:  # past the start's wake-ups: one attempt per message
+                before, attempts = db.read_statements, stats.attempts
+            tally.added.clear()
+            await running.cast("add")
+            await asyncio.wait_for(tally.added.wait(), WAIT)
+        per_attempt = (db.read_statements - before) / (stats.attempts - attempts)
+        assert per_attempt == (1 if gather_max else 2)
+        # A call adds the consumer's read of the reply slot; the caller reads
+        # nothing (the reply comes with its watch, Watch.value).
+        before, attempts = db.read_statements, stats.attempts
+        for _ in range(5):
+            assert await running.call("value") == 7
+        per_attempt = (db.read_statements - before) / (stats.attempts - attempts)
+        assert per_attempt == (2 if gather_max else 3)
+        await running.cast("lock")
+        assert await running.call("value") == 107
 
 
 async def test_a_watch_on_a_key_already_read_reads_nothing_more(url: str) -> None:

@@ -137,7 +137,7 @@ class MemoryStore:
             if watch.done():
                 continue
             if baseline is UNKNOWN or baseline != current:
-                watch._fire()
+                watch._fire(current)
             else:
                 keep.append((watch, baseline))
         if keep:

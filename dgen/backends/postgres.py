@@ -1272,7 +1272,10 @@ class _GroupCommit:
     def _committed(self, member: _Member, version: int, listeners: str | None) -> None:
         stamp = version.to_bytes(8, "big") + b"\x00\x00"
         written = member.written + [k[:o] + stamp + k[o + 10 :] for k, o, _ in member.stamped]
-        self.db.watches.committed(version, written, member.cleared, listeners)
+        raw = member.raw
+        self.db.watches.committed(
+            version, written, member.cleared, listeners, (raw["sk"], raw["sv"])
+        )
 
     def _group_params(self, members: list[_Member]) -> dict[str, Any]:
         params: dict[str, Any] = {"rv": [m.read_version for m in members]}
@@ -1473,11 +1476,13 @@ class _Watches:
         keys: list[bytes],
         cleared: list[tuple[bytes, bytes]],
         listeners: str | None = None,
+        sets: tuple[list[bytes], list[bytes]] = ([], []),
     ) -> None:
         """Local commit ``version`` wrote ``keys`` and cleared the ranges ``cleared``.
 
         Their watches fire without a re-read: a watch may fire spuriously
-        (the same value written again), never late. ``listeners``: the
+        (the same value written again), never late; those on keys the commit
+        set (``sets``: keys and values) carry the value. ``listeners``: the
         registered listeners the commit found (see :meth:`announce`).
         """
         if self.announce(listeners):
@@ -1500,9 +1505,12 @@ class _Watches:
                 self._hear_range(version, begin, end)
         if not self.waiting:
             return
+        values: dict[bytes, bytes] | None = None
         for key in keys:
             if key in self.waiting:
-                self._fire(key, version)
+                if values is None:
+                    values = dict(zip(*sets, strict=True))
+                self._fire(key, version, values.get(key))
         for begin, end in cleared:
             for key in self._within(begin, end):
                 self._fire(key, version)
@@ -1529,9 +1537,10 @@ class _Watches:
         self._checks.add(task)
         task.add_done_callback(self._checks.discard)
 
-    def _fire(self, key: bytes, version: int | None = None) -> None:
+    def _fire(self, key: bytes, version: int | None = None, value: bytes | None = None) -> None:
         """Fire the watches of ``key`` whose baseline is older than a write
-        at ``version`` (None: all of them)."""
+        at ``version`` (None: all of them); ``value``: what that write set,
+        if known."""
         entries = self.waiting.get(key)
         if entries is None:
             return
@@ -1539,7 +1548,7 @@ class _Watches:
         for entry in entries:
             watch, _, since = entry
             if version is None or since is None or since < version:
-                watch._fire()
+                watch._fire(value)
             elif not watch.done():
                 keep.append(entry)
         if keep:
@@ -1608,7 +1617,7 @@ class _Watches:
                 if watch.done():
                     continue
                 if baseline != current.get(key):
-                    watch._fire()
+                    watch._fire(current.get(key))
                 else:
                     keep.append((watch, baseline, since))
             if keep:

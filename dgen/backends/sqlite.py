@@ -1066,7 +1066,7 @@ class SQLiteDatabase(Database):
                 if watch.done():
                     continue
                 if value != baseline:
-                    watch._fire()
+                    watch._fire(value)
                 else:
                     keep.append(entry)
             if keep:
@@ -1082,7 +1082,7 @@ class SQLiteDatabase(Database):
                 if watch.done():
                     continue
                 if born <= generation and key in values and values[key] != baseline:
-                    watch._fire()
+                    watch._fire(values[key])
                 else:
                     keep.append((watch, baseline, born))
             if keep:

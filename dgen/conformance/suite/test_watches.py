@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -23,6 +24,7 @@ __all__ = [
     "test_watch_baseline_is_the_transactions_view",
     "test_watch_cancel",
     "test_watch_of_failed_transaction_raises",
+    "test_a_fired_watch_carries_the_new_value_or_none",
     "test_watch_burst_never_misses_a_change",
     "test_watch_fires_on_commit_from_another_process",
     "test_watch_burst_from_another_process",
@@ -37,13 +39,7 @@ async def _watch(db: Database, key: bytes) -> Watch:
 
 
 async def _set(db: Database, key: bytes, value: bytes | None) -> None:
-    async def fn(tr: Transaction) -> None:
-        if value is None:
-            tr.clear(key)
-        else:
-            tr.set(key, value)
-
-    await db.run(fn)
+    await db.run(_setter(key, value))
 
 
 @conformance_test()
@@ -171,6 +167,46 @@ async def test_watch_of_failed_transaction_raises(store: ConformanceStore) -> No
     await tr.rollback()
     with pytest.raises(StoreError):
         await asyncio.wait_for(_awaited(watch), 5)
+
+
+@conformance_test()
+async def test_a_fired_watch_carries_the_new_value_or_none(store: ConformanceStore) -> None:
+    """``Watch.value`` of a fired watch is None (not known) or the value the
+    change left (callers use it instead of a read): for sets by this and by
+    another connection, a clear and an add, with nothing else writing."""
+    db2 = await store.connect()
+    key = store.key("w", "value")
+    await _set(store.db, key, encode_counter(5))
+
+    async def add(tr: Transaction) -> None:
+        tr.add(key, 1)
+
+    async def get(tr: Transaction) -> bytes | None:
+        return await tr.get(key)
+
+    changes = [
+        ("add", store.db, add),
+        ("set here", store.db, _setter(key, b"v1")),
+        ("set by another connection", db2, _setter(key, b"v2")),
+        ("clear", store.db, _setter(key, None)),
+        ("set after clear", store.db, _setter(key, b"v3")),
+    ]
+    for what, db, change in changes:
+        watch = await _watch(store.db, key)
+        await db.run(change)
+        await wait_fired(watch, what)
+        now = await store.db.run(get)
+        assert watch.value in (None, now), f"{what}: the watch carried {watch.value!r}, not {now!r}"
+
+
+def _setter(key: bytes, value: bytes | None) -> Callable[[Transaction], Awaitable[None]]:
+    async def fn(tr: Transaction) -> None:
+        if value is None:
+            tr.clear(key)
+        else:
+            tr.set(key, value)
+
+    return fn
 
 
 async def _awaited(watch: Watch) -> None:
