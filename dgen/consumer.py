@@ -39,7 +39,6 @@ import socket
 import time
 import traceback
 import uuid
-import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -78,8 +77,8 @@ _CONTINUE = object()
 
 # Reply slots are collected this long after their deadline (clock-skew margin).
 _REPLY_GRACE_SECONDS = 60
-# Consumers of each database object now reading with four tasks (_consume).
-_gathering: weakref.WeakKeyDictionary[Database, int] = weakref.WeakKeyDictionary()
+# Consumers of each database object (by id) now reading with four tasks (_consume).
+_gathering: dict[int, int] = {}
 _GATHER_MAX = 8
 # Tracebacks kept in attempt records and dead letters are cut to this length.
 _MAX_TRACEBACK = 16_000
@@ -328,6 +327,7 @@ class Consumer:
         self._max_value = db.limits.max_value_size
         # Read version, queue head and push key together where that saves round trips.
         self._together = db.capabilities.combines_reads
+        self._lock_seen = False  # the last transaction found the tenant locked
         self.layout = StateLayout(self.keys.state, self._max_value)
         self._next_gc = 0.0
         self._batch_limit: int | None = None
@@ -531,24 +531,31 @@ class Consumer:
         # reads one key, which conflicts with nothing behind it anyway.
         limit = 1 if self._probing else self._batch_limit or self.batch_size
         head: tuple[list[Message], bool] | None = None
-        gathering = _gathering.get(self.db, 0)
-        if self._together and gathering < _GATHER_MAX:
+        db = id(self.db)  # (a third-party Database need not be hashable)
+        if (
+            self._together
+            and not self._probing  # (its head read is not a snapshot: conflicts)
+            and not self._lock_seen  # (a lock is likely still there)
+            and _gathering.get(db, 0) < _GATHER_MAX
+        ):
             # All four reads in one round trip. Each read waits as a task of
             # its own (about 10 KB in all) until the transaction has a pooled
             # connection, so only a few consumers of a database do this at
             # once: 1,000 consumers starting together would cost 10 MB.
-            _gathering[self.db] = gathering + 1
+            _gathering[db] = _gathering.get(db, 0) + 1
             try:
                 raw_lock, token, head, _ = await asyncio.gather(
                     read_blob(tr, self.keys.lock),
                     tr.get(self.keys.version),
-                    read_head(tr, self.keys, limit, snapshot=not self._probing),
+                    read_head(tr, self.keys, limit, snapshot=True),
                     tr.get(self.keys.push, snapshot=True),
                 )
             finally:
-                _gathering[self.db] -= 1
+                if (left := _gathering.pop(db) - 1) > 0:
+                    _gathering[db] = left
         else:
             raw_lock = await read_blob(tr, self.keys.lock)
+        self._lock_seen = raw_lock is not None
         if raw_lock is not None:
             record = _LockRecord.decode(raw_lock)
             remaining = record.deadline - time.time()

@@ -10,6 +10,7 @@ consumer runs on the unwrapped database.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import sys
 import time
@@ -184,6 +185,32 @@ async def test_a_call_commits_once_on_the_caller_side(db: Database) -> None:
         # The consumer's commit fired the caller's watch with the reply in
         # it (Watch.value): nothing is read after the wake-up.
         assert counting.read_commits == 0
+
+
+@dataclasses.dataclass(eq=True)
+class _Unhashable(Database):
+    """A user's wrapper: a dataclass compares by value, so it has no hash."""
+
+    inner: Database
+
+    def __post_init__(self) -> None:
+        self.limits = self.inner.limits
+        self.capabilities = self.inner.capabilities
+
+    def create_transaction(self) -> Transaction:
+        return self.inner.create_transaction()
+
+    async def aclose(self) -> None:
+        pass  # the inner database belongs to the fixture
+
+
+async def test_a_database_need_not_be_hashable(db: Database) -> None:
+    wrapped = _Unhashable(db)
+    with pytest.raises(TypeError):
+        hash(wrapped)
+    async with dgen.start(Echo(), wrapped, "unhashable") as running:
+        for i in range(3):
+            assert await running.call(i, timeout=WAIT) == i
 
 
 async def test_a_call_costs_the_consumer_one_transaction(db: Database) -> None:

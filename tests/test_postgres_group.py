@@ -311,6 +311,46 @@ async def _commit_behind_blocker(
     return await asyncio.wait_for(asyncio.gather(blocked, *q.tasks, return_exceptions=True), WAIT)
 
 
+@pytest.mark.parametrize("last", ["set", "clear", "none"])
+async def test_a_watch_fired_by_a_group_carries_the_value_the_group_left(
+    url: str, last: str
+) -> None:
+    """Two members of one group write a watched key: the watch fires with
+    the value the statement left (Watch.value) or None (not known), never
+    with a value a later member replaced."""
+    async with dgen.connect(url) as db:
+        assert isinstance(db, postgres.PostgresDatabase)
+        await db.run(_set(b"lock", b"0"))
+        await db.run(_set(b"w", b"v0"))
+
+        async def arm(tr: Transaction) -> dgen.Watch:
+            await tr.get(b"w")
+            return tr.watch(b"w")
+
+        watch = await db.run(arm)
+        first = db.create_transaction()
+        first.set(b"w", b"v1")
+        second = db.create_transaction()
+        if last == "set":
+            second.set(b"w", b"v2")
+        elif last == "clear":
+            second.clear_range(b"v", b"x")
+        else:
+            second.set(b"elsewhere", b"x")
+        q = _Queue(db)
+        done = await _commit_behind_blocker(db, q, [first, second])
+        assert done == [None, None, None]
+        assert q.counts() == (2, 1, 2)
+        await asyncio.wait_for(_fired(watch), WAIT)
+        now = await _get(db, b"w")
+        assert now == {"set": b"v2", "clear": None, "none": b"v1"}[last]
+        assert watch.value in (None, now), watch.value
+
+
+async def _fired(watch: dgen.Watch) -> None:
+    await watch
+
+
 async def _on_insert(db: postgres.PostgresDatabase, key: bytes, action: str) -> None:
     """A trigger that runs the PL/pgSQL ``action`` when ``key`` is inserted
     into the store."""

@@ -994,6 +994,27 @@ class _Member:
         self.result: asyncio.Future[int] | None = None  # set when queued
 
 
+def _final_sets(members: list[_Member]) -> list[tuple[list[bytes], list[bytes]]]:
+    """For each member of a group applied in this order, the keys it set
+    that no later member wrote or cleared, and their values: the values a
+    fired watch may carry (Watch.value)."""
+    out: list[tuple[list[bytes], list[bytes]]] = []
+    later: set[bytes] = set()
+    ranges: list[tuple[bytes, bytes]] = []
+    for member in reversed(members):
+        keys: list[bytes] = []
+        values: list[bytes] = []
+        for key, value in zip(member.raw["sk"], member.raw["sv"], strict=True):
+            if key not in later and not any(b <= key < e for b, e in ranges):
+                keys.append(key)
+                values.append(value)
+        out.append((keys, values))
+        later.update(member.written)
+        ranges.extend(member.cleared)
+    out.reverse()
+    return out
+
+
 class _GroupCommit:
     """Sends a database object's commits, grouping concurrent ones.
 
@@ -1236,6 +1257,8 @@ class _GroupCommit:
                 return outcomes
             assert row is not None
             outcomes = []
+            applied = [m for m, v in zip(members, row[0], strict=True) if v is not None]
+            finals = iter(_final_sets(applied))
             for member, version in zip(members, row[0], strict=True):
                 if version is None:
                     outcomes.append(
@@ -1245,7 +1268,7 @@ class _GroupCommit:
                         )
                     )
                 else:
-                    self._committed(member, int(version), row[1])
+                    self._committed(member, int(version), row[1], next(finals))
                     outcomes.append(int(version))
             return outcomes
         member = members[0]
@@ -1269,13 +1292,20 @@ class _GroupCommit:
         self._committed(member, version, row[1])
         return [version]
 
-    def _committed(self, member: _Member, version: int, listeners: str | None) -> None:
+    def _committed(
+        self,
+        member: _Member,
+        version: int,
+        listeners: str | None,
+        sets: tuple[list[bytes], list[bytes]] | None = None,
+    ) -> None:
+        """Tell the watches what ``member`` wrote; ``sets``: the keys it set
+        whose value is still its own after the statement (default: all)."""
         stamp = version.to_bytes(8, "big") + b"\x00\x00"
         written = member.written + [k[:o] + stamp + k[o + 10 :] for k, o, _ in member.stamped]
-        raw = member.raw
-        self.db.watches.committed(
-            version, written, member.cleared, listeners, (raw["sk"], raw["sv"])
-        )
+        if sets is None:
+            sets = (member.raw["sk"], member.raw["sv"])
+        self.db.watches.committed(version, written, member.cleared, listeners, sets)
 
     def _group_params(self, members: list[_Member]) -> dict[str, Any]:
         params: dict[str, Any] = {"rv": [m.read_version for m in members]}
