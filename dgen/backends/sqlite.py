@@ -70,6 +70,7 @@ _BUSY = {5, 6, 517, 261, 262}  # BUSY, LOCKED, BUSY_SNAPSHOT, BUSY_RECOVERY, LOC
 _GET = "SELECT value FROM dgen_kv WHERE key = ?"
 _VERSION = "SELECT value FROM dgen_meta WHERE name = 'commit_version'"
 _WAKE_MODES = ("socket", "off")
+_WATCHER_LINGER = 1.0  # seconds the watcher polls on after its last watch ended
 _WAKE_NAME = re.compile(r"[0-9]{1,10}-[0-9a-f]{8}")  # pid-random: a wake socket's file name
 _WAKE_NAME_MAX = 19
 _SUN_PATH_MAX = 107  # bytes of a socket path (sun_path holds 108 with the NUL)
@@ -266,18 +267,18 @@ class SQLiteTransaction(BufferedTransaction):
         if writer is not None:
             # Nothing queued: commit right here on the event loop, no task.
             try:
-                outcomes, changed = db._write_group(writer.open(), [member], False)
+                outcomes, written = db._write_group(writer.open(), [member], False)
             except _Busy:
                 pass  # another process writes: the committer waits on the thread
             else:
-                db._finish([member], outcomes, changed)
+                db._finish([member], outcomes, written)
                 return member.outcome.result()
         elif (writer := db._write_here()) is not None:
             # Nothing queued or being written: this task hands the commit to
             # the writer's thread itself (a committer task costs two event-loop
             # turns); commits arriving meanwhile queue behind it.
             try:
-                outcomes, changed = await db._write_on_thread(writer, [member])
+                outcomes, written = await db._write_on_thread(writer, [member])
             except asyncio.CancelledError:
                 # The write goes on and _write_on_thread gives the member its
                 # outcome, which nobody reads now.
@@ -286,7 +287,7 @@ class SQLiteTransaction(BufferedTransaction):
             except BaseException as exc:
                 member.fail(exc)
             else:
-                db._finish([member], outcomes, changed)
+                db._finish([member], outcomes, written)
             return member.outcome.result()
         db._pending.append(member)
         if db._committer is None:
@@ -372,10 +373,8 @@ def _retrieve(future: asyncio.Future[bytes]) -> None:
         future.exception()
 
 
-def _write(
-    sql: sqlite3.Connection, buf: WriteBuffer, stamp: bytes, watched: frozenset[bytes]
-) -> dict[bytes, bytes | None]:
-    """Apply ``buf`` (clears first) with ``stamp``; the watched keys' new values."""
+def _write(sql: sqlite3.Connection, buf: WriteBuffer, stamp: bytes) -> _Written:
+    """Apply ``buf`` (clears first) with ``stamp``; what it wrote."""
     for begin, end in buf.cleared:
         sql.execute("DELETE FROM dgen_kv WHERE key >= ? AND key < ?", (begin, end))
     puts: list[tuple[bytes, bytes]] = []
@@ -395,12 +394,14 @@ def _write(
         puts.append((key[:offset] + stamp + key[offset + 10 :], value))
     sql.executemany("DELETE FROM dgen_kv WHERE key = ?", deletes)
     sql.executemany("INSERT OR REPLACE INTO dgen_kv (key, value) VALUES (?, ?)", puts)
-    return _new_values(watched, buf.cleared, deletes, puts)
+    return buf.cleared, deletes, puts
 
 
-# What writing a group gives: each member's stamp or error, and the new values
-# of the watched keys it wrote.
-_Outcomes = tuple[list[bytes | BaseException], dict[bytes, bytes | None]]
+# What one commit wrote: ranges cleared, keys deleted, keys and values put.
+_Written = tuple[list[tuple[bytes, bytes]], list[tuple[bytes]], list[tuple[bytes, bytes]]]
+# What writing a group gives: each member's stamp or error, and what the
+# members that committed wrote, in order.
+_Outcomes = tuple[list[bytes | BaseException], list[_Written]]
 
 
 # The watcher's IN lists come in these sizes (padded by repeating a key), so
@@ -408,21 +409,17 @@ _Outcomes = tuple[list[bytes | BaseException], dict[bytes, bytes | None]]
 _IN_SIZES = (1, 8, 64, 500)
 
 
-def _new_values(
-    watched: frozenset[bytes],
-    cleared: list[tuple[bytes, bytes]],
-    deletes: list[tuple[bytes]],
-    puts: list[tuple[bytes, bytes]],
-) -> dict[bytes, bytes | None]:
-    """The committed values of the watched keys a commit wrote (clears first,
-    as the commit applied them)."""
+def _new_values(watched: frozenset[bytes], written: list[_Written]) -> dict[bytes, bytes | None]:
+    """The committed values of the watched keys that commits wrote (each
+    commit's clears first, as it applied them; later commits win)."""
     if not watched:
         return {}
     changed: dict[bytes, bytes | None] = {}
-    for begin, end in cleared:
-        changed.update((key, None) for key in watched if begin <= key < end)
-    changed.update((key, None) for (key,) in deletes if key in watched)
-    changed.update((key, value) for key, value in puts if key in watched)
+    for cleared, deletes, puts in written:
+        for begin, end in cleared:
+            changed.update((key, None) for key in watched if begin <= key < end)
+        changed.update((key, None) for (key,) in deletes if key in watched)
+        changed.update((key, value) for key, value in puts if key in watched)
     return changed
 
 
@@ -645,7 +642,9 @@ class _Watcher(threading.Thread):
 
     While watches exist it checks every ``poll_interval`` and whenever a
     commit of this database object pokes it or another process's commit
-    sends it a wake-up datagram; without watches it sleeps until poked.
+    sends it a wake-up datagram. Without watches it goes on polling for
+    ``_WATCHER_LINGER`` seconds (watches come and go all the time: a call
+    arms two), then sleeps (``idle``) until a new watch pokes it.
     """
 
     def __init__(
@@ -655,6 +654,7 @@ class _Watcher(threading.Thread):
         self.db = db
         self.loop = loop
         self.stopping = False
+        self.idle = False  # asleep until poked (set before the last look for watches)
         self._poke_r, self._poke_w = socket.socketpair()
         self._poke_r.setblocking(False)
         self._poke_w.setblocking(False)
@@ -677,14 +677,26 @@ class _Watcher(threading.Thread):
         watching.register(self._poke_r, selectors.EVENT_READ)
         if self.wake_socket is not None:
             watching.register(self.wake_socket, selectors.EVENT_READ)
+        unwatched_since: float | None = None
         try:
             while not self.stopping:
                 taken: set[bytes] = set()
                 forced = _drain(self._poke_r)
                 _drain(self.wake_socket)
                 if not db._watched_keys:
-                    idle.select()
+                    now = time.monotonic()
+                    unwatched_since = unwatched_since or now
+                    if now - unwatched_since < _WATCHER_LINGER:
+                        watching.select(db.poll_interval)
+                        continue
+                    # Idle first, then the last look: a watch added after
+                    # that look finds the flag set and pokes (_add_watch).
+                    self.idle = True
+                    if not db._watched_keys:
+                        idle.select()
+                    self.idle = False
                     continue
+                unwatched_since = None
                 try:
                     if sql is None:
                         sql = sqlite3.connect(
@@ -772,6 +784,8 @@ class SQLiteDatabase(Database):
         self._fresh: set[bytes] = set()
         self._fresh_lock = threading.Lock()
         self._watcher: _Watcher | None = None
+        self._checker: sqlite3.Connection | None = None  # reads newly watched keys
+        self._unchecked: set[bytes] = set()  # armed this event-loop turn (_check_armed)
         # Unix only: the wake-up sockets live in the file system.
         self._wake = _WakeChannel(path) if wake == "socket" and os.name == "posix" else None
         self._closed = False
@@ -899,13 +913,13 @@ class SQLiteDatabase(Database):
             writer = self._writer
             if self.inline_commits:
                 try:
-                    outcomes, changed = self._write_group(writer.open(), group, False)
+                    outcomes, written = self._write_group(writer.open(), group, False)
                 except _Busy:
                     on_thread = True
-                    outcomes, changed = await self._write_on_thread(writer, group)
+                    outcomes, written = await self._write_on_thread(writer, group)
             else:
                 on_thread = True
-                outcomes, changed = await self._write_on_thread(writer, group)
+                outcomes, written = await self._write_on_thread(writer, group)
         except asyncio.CancelledError:
             if not on_thread:  # (otherwise the write ends for them: _write_on_thread)
                 _fail_all(group, _cancelled_committer())
@@ -913,7 +927,7 @@ class SQLiteDatabase(Database):
         except BaseException as exc:  # the members get it (this is a task of its own)
             _fail_all(group, exc)
             return
-        self._finish(group, outcomes, changed)
+        self._finish(group, outcomes, written)
 
     async def _write_on_thread(self, writer: _Connection, group: list[_Member]) -> _Outcomes:
         """Write ``group`` on the writer's thread. Shielded: if the committer is
@@ -942,7 +956,7 @@ class SQLiteDatabase(Database):
         self,
         group: list[_Member],
         outcomes: list[bytes | BaseException],
-        changed: dict[bytes, bytes | None],
+        written: list[_Written],
     ) -> None:
         self._last_group = len(group)
         if len(group) > 1:
@@ -954,10 +968,10 @@ class SQLiteDatabase(Database):
             elif not m.outcome.done():
                 m.outcome.set_result(outcome)
         # Then this process's watches on keys these commits wrote fire, without
-        # the watcher thread's hop (after the members: they resume first). A
-        # watch armed after the commit looked at the watched keys needs nothing
-        # more: arming it poked the watcher, which reads its key after COMMIT.
-        self._deliver_local(changed)
+        # the watcher thread's hop (after the members: they resume first).
+        # Watched as of now, on the loop: a watch armed before this line is
+        # seen here, one armed after it reads its key after COMMIT (_add_watch).
+        self._deliver_local(_new_values(self._watched_keys, written))
 
     def _write_group(
         self, sql: sqlite3.Connection, group: list[_Member], may_wait: bool
@@ -972,7 +986,7 @@ class SQLiteDatabase(Database):
                 raise _Busy from None
             raise _map_error(exc, self.path) from None
         outcomes: list[bytes | BaseException] = []
-        changed: dict[bytes, bytes | None] = {}
+        written: list[_Written] = []
         try:
             version = int(sql.execute(_VERSION).fetchone()[0])
             for m in group:
@@ -983,7 +997,7 @@ class SQLiteDatabase(Database):
                     continue
                 version += 1
                 stamp = version.to_bytes(8, "big") + b"\x00\x00"
-                changed.update(_write(sql, m.buf, stamp, self._watched_keys))
+                written.append(_write(sql, m.buf, stamp))
                 outcomes.append(stamp)
             sql.execute("UPDATE dgen_meta SET value = ? WHERE name = 'commit_version'", (version,))
         except BaseException as exc:
@@ -1004,11 +1018,11 @@ class SQLiteDatabase(Database):
             raise _map_error(exc, self.path, committing=True) from None
         if self._wake is not None:
             self._wake.notify()  # from here: no hop back to the loop before other processes look
-        return outcomes, changed
+        return outcomes, written
 
     def _write_alone(self, sql: sqlite3.Connection, group: list[_Member]) -> _Outcomes:
         outcomes: list[bytes | BaseException] = []
-        changed: dict[bytes, bytes | None] = {}
+        written: list[_Written] = []
         for m in group:
             try:
                 (outcome,), more = self._write_group(sql, [m], True)
@@ -1016,8 +1030,8 @@ class SQLiteDatabase(Database):
                 outcomes.append(exc)
             else:
                 outcomes.append(outcome)
-                changed.update(more)
-        return outcomes, changed
+                written += more
+        return outcomes, written
 
     # -- watches -----------------------------------------------------------
 
@@ -1027,15 +1041,58 @@ class SQLiteDatabase(Database):
             # watch would wait for ever (and start a watcher thread anew).
             watch._fail(UnavailableError(f"{self.url} was closed"))
             return
+        key = watch.key
         with self._fresh_lock:
             self._watch_generation += 1
-            self._fresh.add(watch.key)
-        self._watches.setdefault(watch.key, []).append((watch, baseline, self._watch_generation))
+            born = self._watch_generation
+        # Registered before the key is read: a commit after that read finds
+        # the key watched (this process's commits deliver it, the watcher
+        # sees other processes' through data_version).
+        self._watches.setdefault(key, []).append((watch, baseline, born))
         self._watched_keys = frozenset(self._watches)
         if self._watcher is None or not self._watcher.is_alive():
             self._watcher = _Watcher(self, asyncio.get_running_loop(), self._wake)
             self._watcher.start()
-        self._poke_watcher()
+        elif self._watcher.idle:
+            self._watcher.poke()  # it sleeps without watches: other processes' commits
+        # A commit since the baseline fires it at once: the keys armed in this
+        # event-loop turn are read together at its end, on the loop (a WAL
+        # reader does not wait for writers), rather than by waking the
+        # watcher's thread (that cost a call about 0.1 ms of wake-ups).
+        if not self._unchecked:
+            asyncio.get_running_loop().call_soon(self._check_armed)
+        self._unchecked.add(key)
+
+    def _check_armed(self) -> None:
+        """Read the keys armed since the last check; fire the watches whose
+        baseline differs (any commit since, of any process)."""
+        keys, self._unchecked = list(self._unchecked), set()
+        if self._closed:
+            return  # (closing failed the watches)
+        try:
+            if self._checker is None:
+                self._checker = sqlite3.connect(self.path, isolation_level=None)
+                self._checker.execute("PRAGMA busy_timeout=0")
+            # (_read_keys fetches all: no read snapshot stays open to hold
+            # back checkpoints.)
+            values = _read_keys(self._checker, keys)
+        except sqlite3.Error:
+            if self._checker is not None:
+                self._checker.close()
+                self._checker = None
+            with self._fresh_lock:
+                self._fresh.update(keys)
+            self._poke_watcher()  # the watcher reads them
+            return
+        if any(
+            value != baseline
+            for key, value in values.items()
+            for _, baseline, _ in self._watches.get(key, ())
+        ):
+            self._deliver_local(values)
+            # Something committed since a baseline, maybe another process,
+            # whose writes the watcher has not looked for yet: let it look.
+            self._poke_watcher()
 
     def _take_fresh(self) -> tuple[int, set[bytes]]:
         """(watcher thread) The current watch generation and the keys armed
@@ -1104,6 +1161,9 @@ class SQLiteDatabase(Database):
             await self._close_all()
 
     async def _close_all(self) -> None:
+        if self._checker is not None:
+            self._checker.close()
+            self._checker = None
         writer, self._writer = self._writer, None
         if writer is not None:
             if self._writing is not None and not self._writing.done():
