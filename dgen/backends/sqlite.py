@@ -1071,15 +1071,19 @@ class SQLiteDatabase(Database):
             return  # (closing failed the watches)
         try:
             if self._checker is None:
-                self._checker = sqlite3.connect(self.path, isolation_level=None)
+                # (not tied to this thread: closing may come from another loop's)
+                self._checker = sqlite3.connect(
+                    self.path, isolation_level=None, check_same_thread=False
+                )
                 self._checker.execute("PRAGMA busy_timeout=0")
             # (_read_keys fetches all: no read snapshot stays open to hold
             # back checkpoints.)
             values = _read_keys(self._checker, keys)
         except sqlite3.Error:
-            if self._checker is not None:
-                self._checker.close()
-                self._checker = None
+            checker, self._checker = self._checker, None
+            if checker is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    checker.close()
             with self._fresh_lock:
                 self._fresh.update(keys)
             self._poke_watcher()  # the watcher reads them
@@ -1161,9 +1165,10 @@ class SQLiteDatabase(Database):
             await self._close_all()
 
     async def _close_all(self) -> None:
-        if self._checker is not None:
-            self._checker.close()
-            self._checker = None
+        checker, self._checker = self._checker, None
+        if checker is not None:
+            with contextlib.suppress(sqlite3.Error):
+                checker.close()
         writer, self._writer = self._writer, None
         if writer is not None:
             if self._writing is not None and not self._writing.done():
