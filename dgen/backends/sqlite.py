@@ -26,6 +26,7 @@ use aiosqlite.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import os
@@ -671,7 +672,8 @@ class _Watcher(threading.Thread):
     def run(self) -> None:
         db = self.db
         sql: sqlite3.Connection | None = None
-        seen: int | None = None
+        seen: int | None = None  # data_version at the last look
+        seen_version: int | None = None  # the store's commit version then
         idle, watching = selectors.DefaultSelector(), selectors.DefaultSelector()
         idle.register(self._poke_r, selectors.EVENT_READ)
         watching.register(self._poke_r, selectors.EVENT_READ)
@@ -704,18 +706,26 @@ class _Watcher(threading.Thread):
                         )
                     version = sql.execute("PRAGMA data_version").fetchone()[0]
                     if forced or version != seen:
+                        changed = version != seen
+                        if changed:
+                            # (fetchall: no read snapshot left open)
+                            now = int(sql.execute(_VERSION).fetchall()[0][0])
+                            if seen_version is not None and db._own_commits_only(seen_version, now):
+                                # Every commit since the last look was this
+                                # object's: they fired its watches on the loop.
+                                changed = False
+                            seen_version = now
                         generation, fresh = db._take_fresh()
                         taken = fresh
-                        # (fresh too: a counted watch may not be in _watched_keys yet)
-                        if version != seen:
-                            keys = list(fresh.union(db._watched_keys))  # all of them
-                        else:
-                            # Only watches armed since the last read: nothing else
-                            # changed meanwhile (data_version counts every commit).
-                            keys = list(fresh)
+                        # Changed: all of them (fresh too, a counted watch may not
+                        # be in _watched_keys yet). Else only watches armed since
+                        # the last read: nothing else changed meanwhile, or only
+                        # through this object (data_version counts every commit).
+                        keys = list(fresh.union(db._watched_keys) if changed else fresh)
                         seen = version
-                        values = _read_keys(sql, keys)
-                        self.loop.call_soon_threadsafe(db._deliver, generation, values)
+                        if keys:
+                            values = _read_keys(sql, keys)
+                            self.loop.call_soon_threadsafe(db._deliver, generation, values)
                 except sqlite3.Error:
                     # Transient (busy, file replaced): reconnect and treat as changed,
                     # the keys taken for this read included (some may not be in
@@ -723,7 +733,7 @@ class _Watcher(threading.Thread):
                     db._give_fresh(taken)
                     if sql is not None:
                         sql.close()
-                    sql, seen = None, None
+                    sql, seen, seen_version = None, None, None
                 except RuntimeError:
                     break  # the event loop is closed
                 watching.select(db.poll_interval)
@@ -785,6 +795,9 @@ class SQLiteDatabase(Database):
         self._fresh_lock = threading.Lock()
         self._watcher: _Watcher | None = None
         self._checker: sqlite3.Connection | None = None  # reads newly watched keys
+        # Version ranges this object committed, newest last, for the watcher
+        # to tell them from other connections' commits (_own_commits_only).
+        self._own_versions: collections.deque[tuple[int, int]] = collections.deque(maxlen=1024)
         self._unchecked: set[bytes] = set()  # armed this event-loop turn (_check_armed)
         # Unix only: the wake-up sockets live in the file system.
         self._wake = _WakeChannel(path) if wake == "socket" and os.name == "posix" else None
@@ -989,6 +1002,7 @@ class SQLiteDatabase(Database):
         written: list[_Written] = []
         try:
             version = int(sql.execute(_VERSION).fetchone()[0])
+            first = version + 1
             for m in group:
                 if m.conflicts(sql, version):
                     outcomes.append(
@@ -1016,9 +1030,29 @@ class SQLiteDatabase(Database):
             if sql.in_transaction:
                 sql.execute("ROLLBACK")
             raise _map_error(exc, self.path, committing=True) from None
+        if version >= first:
+            # After COMMIT only: versions of a group that failed are handed
+            # out again, to another process's commit maybe.
+            self._own_versions.append((first, version))
         if self._wake is not None:
             self._wake.notify()  # from here: no hop back to the loop before other processes look
         return outcomes, written
+
+    def _own_commits_only(self, after: int, upto: int) -> bool:
+        """(watcher thread) Whether commit versions ``after`` (exclusive) to
+        ``upto`` exist and were all this object's (their watches fired on
+        the loop, so the watcher need not re-read). False when unsure."""
+        own = self._own_versions
+        while own and own[0][1] <= after:
+            own.popleft()  # (only this thread removes; the writer appends)
+        need = after + 1
+        for first, last in list(own):
+            if first > need:
+                return False
+            need = max(need, last + 1)
+            if need > upto:
+                return True
+        return False
 
     def _write_alone(self, sql: sqlite3.Connection, group: list[_Member]) -> _Outcomes:
         outcomes: list[bytes | BaseException] = []
