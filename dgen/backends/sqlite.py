@@ -639,11 +639,14 @@ def _read_keys(sql: sqlite3.Connection, keys: list[bytes]) -> dict[bytes, bytes 
 
 
 class _Watcher(threading.Thread):
-    """Checks ``PRAGMA data_version`` and reports watched keys' values.
+    """Checks ``PRAGMA data_version`` and reports watched keys' values
+    when another connection committed (this object's own commits, told by
+    commit version, fire its watches on the loop).
 
-    While watches exist it checks every ``poll_interval`` and whenever a
-    commit of this database object pokes it or another process's commit
-    sends it a wake-up datagram. Without watches it goes on polling for
+    While watches exist it checks every ``poll_interval``, whenever another
+    process's commit sends it a wake-up datagram, and when this object pokes
+    it (a new watch that fired at once, or whose key could not be read on
+    the loop). Without watches it goes on polling for
     ``_WATCHER_LINGER`` seconds (watches come and go all the time: a call
     arms two), then sleeps (``idle``) until a new watch pokes it.
     """
@@ -665,7 +668,9 @@ class _Watcher(threading.Thread):
         self.wake_socket = wake.bind() if wake is not None else None
 
     def poke(self) -> None:
-        """Make the watcher re-read every watched key now (any thread)."""
+        """Make the watcher look now (any thread): it reads the keys handed
+        to it (``_fresh``), and every watched key if another connection
+        committed since its last look."""
         with contextlib.suppress(OSError):  # full: a poke is pending anyway
             self._poke_w.send(b"\0")
 
@@ -1122,12 +1127,7 @@ class SQLiteDatabase(Database):
                 self._fresh.update(keys)
             self._poke_watcher()  # the watcher reads them
             return
-        if any(
-            value != baseline
-            for key, value in values.items()
-            for _, baseline, _ in self._watches.get(key, ())
-        ):
-            self._deliver_local(values)
+        if self._deliver_local(values):
             # Something committed since a baseline, maybe another process,
             # whose writes the watcher has not looked for yet: let it look.
             self._poke_watcher()
@@ -1149,8 +1149,10 @@ class SQLiteDatabase(Database):
         if self._watcher is not None and self._watches:
             self._watcher.poke()
 
-    def _deliver_local(self, changed: dict[bytes, bytes | None]) -> None:
-        """Fire the watches on keys a commit of this process just wrote."""
+    def _deliver_local(self, changed: dict[bytes, bytes | None]) -> bool:
+        """Fire the watches on keys whose value is now ``changed``'s (written
+        by a commit of this object, or read after arming); whether any fired."""
+        fired = False
         for key, value in changed.items():
             entries = self._watches.get(key)
             if entries is None:
@@ -1162,6 +1164,7 @@ class SQLiteDatabase(Database):
                     continue
                 if value != baseline:
                     watch._fire(value)
+                    fired = True
                 else:
                     keep.append(entry)
             if keep:
@@ -1169,6 +1172,7 @@ class SQLiteDatabase(Database):
             else:
                 del self._watches[key]
                 self._watched_keys = frozenset(self._watches)
+        return fired
 
     def _deliver(self, generation: int, values: dict[bytes, bytes | None]) -> None:
         for key in list(self._watches):
